@@ -1,0 +1,183 @@
+"""``dino-ray``: run, validate or submit a job YAML.
+
+    dino-ray run jobs/pipeline.yaml [key.path=value ...] [--force STAGE]
+    dino-ray validate jobs/pretrain.yaml train.lr=1e-4
+    dino-ray submit jobs/pretrain.yaml --address http://HOST:8265 [key.path=value ...]
+
+Job YAMLs start with ``#!/usr/bin/env -S dino-ray run``, so ``jobs/pretrain.yaml`` is itself a command
+(which is what ``ray job submit --working-dir . -- jobs/pretrain.yaml`` runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from dino_ray.config.typed import ConfigError
+from dino_ray.pipeline import StageFailed
+
+log = logging.getLogger("dino_ray")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dino-ray", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the stages of a job YAML (local Ray unless RAY_ADDRESS is set)")
+    run.add_argument("job", help="path to a job YAML, e.g. jobs/pipeline.yaml")
+    run.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    run.add_argument("--force", action="append", default=[], metavar="STAGE",
+                     help="re-run STAGE even if its manifest is up to date (repeatable)")
+
+    val = sub.add_parser("validate", help="load and validate a job YAML, print the resolved config")
+    val.add_argument("job")
+    val.add_argument("overrides", nargs="*")
+
+    sm = sub.add_parser("submit", help="submit a job YAML to a Ray cluster's job server and stream its logs")
+    sm.add_argument("job")
+    sm.add_argument("overrides", nargs="*")
+    sm.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS"),
+                    help="job server, e.g. http://127.0.0.1:8265 (default: $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS)")
+    sm.add_argument("--submission-id", default=None, help="fixed id, so a resubmitted job is recognisable")
+    sm.add_argument("--force", action="append", default=[], metavar="STAGE")
+    sm.add_argument("--working-dir", default=".", help="uploaded as the job's working dir (default: .)")
+    sm.add_argument("--no-wait", action="store_true", help="return after submission")
+    return p
+
+
+def _split_args(args: argparse.Namespace) -> None:
+    # argparse puts "--force X" after positionals fine; overrides must look like key=value.
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"override(s) {bad} must look like key.path=value")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from dino_ray.config.loader import load_job
+
+    job = load_job(args.job, args.overrides)
+    from dino_ray.pipeline import Pipeline
+    from dino_ray.ray_utils import init_ray
+
+    pipeline = Pipeline(job, ensure_ray=lambda: init_ray(job.ray.address, job.ray.num_cpus))
+    start = time.time()
+    manifests = pipeline.run(force=args.force)
+    for name in pipeline.ordered():
+        m = manifests.get(name, {})
+        print(f"[dino-ray] {name}: {pipeline.stage_dir(name)} "
+              f"({m.get('seconds', 0)} s when it ran; summary: {_short(m.get('summary', {}))})")
+    print(f"[dino-ray] done in {time.time() - start:.1f} s; outputs under {job.output_root}")
+    return 0
+
+
+def _short(summary: dict) -> str:
+    items = [f"{k}={v}" for k, v in summary.items() if isinstance(v, (int, float, str)) and len(str(v)) < 40]
+    return ", ".join(items[:8])
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    import yaml
+
+    from dino_ray.config.loader import load_job
+    from dino_ray.config.typed import to_dict
+
+    job = load_job(args.job, args.overrides)
+    print(yaml.safe_dump(to_dict(job), sort_keys=False))
+    return 0
+
+
+def _auth_env() -> None:
+    """Ray >= 2.59 clusters use token auth; the client only sends the token when told to."""
+    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser()
+    if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or token_file.exists()):
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from dino_ray.config.loader import load_job
+
+    job = load_job(args.job, args.overrides)  # fail here, not on the cluster
+    if not args.address:
+        raise ConfigError("no job server address: pass --address http://HOST:8265 or set RAY_ADDRESS")
+    _auth_env()
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    runtime_env = dict(job.runtime_env or {})
+    runtime_env.setdefault("working_dir", args.working_dir)
+    runtime_env.setdefault("excludes", [".git", "outputs", "mlruns", "mlflow.db", "*.egg-info"])
+    env_vars = dict(runtime_env.get("env_vars") or {})
+    for k in ("MLFLOW_TRACKING_URI",):
+        if k in os.environ:
+            env_vars.setdefault(k, os.environ[k])
+    if env_vars:
+        runtime_env["env_vars"] = env_vars
+    job_path = os.path.relpath(os.path.abspath(args.job), os.path.abspath(args.working_dir))
+    entrypoint = " ".join(["dino-ray", "run", shlex.quote(job_path), *map(shlex.quote, args.overrides),
+                           *[f"--force {shlex.quote(s)}" for s in args.force]])
+    try:
+        client = JobSubmissionClient(args.address)
+    except Exception as e:  # noqa: BLE001 - turn connection/auth errors into one clear line
+        hint = ""
+        if "auth" in str(e).lower() or "token" in str(e).lower():
+            hint = " (the cluster uses token auth: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN or ~/.ray/auth_token)"
+        raise SystemExit(f"dino-ray submit: cannot reach the Ray job server at {args.address}: {e}{hint}") from e
+    sid = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=args.submission_id,
+                            metadata={"dino_ray.job": job_path, "dino_ray.name": job.name})
+    print(f"[dino-ray] submitted {sid}: {entrypoint}", flush=True)
+    if args.no_wait:
+        return 0
+    _stream_logs(client, sid)
+    status = _wait(client, sid)
+    print(f"[dino-ray] job {sid} finished: {status}", flush=True)
+    return 0 if status == JobStatus.SUCCEEDED else 1
+
+
+def _stream_logs(client, sid: str) -> None:
+    import asyncio
+
+    async def tail() -> None:
+        async for lines in client.tail_job_logs(sid):
+            sys.stdout.write(lines)
+            sys.stdout.flush()
+
+    try:
+        asyncio.run(tail())
+    except Exception as e:  # noqa: BLE001 - logs are best effort; the status decides the exit code
+        log.warning("log streaming stopped: %s", e)
+
+
+def _wait(client, sid: str, poll_s: float = 1.0):
+    from ray.job_submission import JobStatus
+
+    while True:
+        status = client.get_job_status(sid)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            return status
+        time.sleep(poll_s)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("DINO_RAY_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = _parser().parse_args(argv)
+    try:
+        _split_args(args)
+        return {"run": cmd_run, "validate": cmd_validate, "submit": cmd_submit}[args.command](args)
+    except ConfigError as e:
+        print(f"dino-ray: config error: {e}", file=sys.stderr)
+        return 2
+    except StageFailed as e:
+        print(f"dino-ray: {e}\n(outputs of earlier stages are kept; run the same command again to "
+              f"continue from the failed stage)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""Configuration of the embedding-based curation pipeline (DINOv2 App. A.3/A.4, Vo et al. 2024).
+
+Defaults follow the papers where they give a number; where they do not (or where the number only
+makes sense at billion-image scale) the comment says where our value comes from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+_POOL_SELECTIONS = ("balanced", "all", "none")
+_SAMPLING_STRATEGIES = ("hierarchical", "flat")
+_WITHIN_CLUSTER = ("random", "closest")
+_RETRIEVAL_MODES = ("auto", "sample", "cluster", "both")
+
+
+@dataclass
+class IndexConfig:
+    """How the pool is indexed for k-NN search (dedup graph, decontamination, retrieval)."""
+
+    # Pools with fewer rows use exact IndexFlatIP: exact 200k x 200k k-NN costs ~4-5 min on two
+    # cores (notes/curation.md Sec. 6), above that IVF is ~8-10x cheaper.
+    exact_threshold: int = 200_000
+    # IVF lists; None means round(4 * sqrt(N)), the usual faiss rule of thumb.
+    nlist: int | None = None
+    # Lists visited per query; 16 gave recall@4 = 0.95 on clustered 384-d data (notes Sec. 6).
+    nprobe: int = 16
+    # Rows sampled per list to train the coarse quantizer (faiss warns below 39 per list).
+    train_points_per_list: int = 64
+    # Lloyd iterations of the coarse quantizer (faiss default for IVF training).
+    train_iters: int = 10
+    # Queries used to measure the recall of an IVF index against exact search.
+    recall_queries: int = 1000
+    # Query batch size for graph construction: bounds the [batch, k] result buffers.
+    search_batch_size: int = 65_536
+
+    def __post_init__(self) -> None:
+        _require_positive(self, "exact_threshold", "nprobe", "train_points_per_list", "train_iters")
+        _require_positive(self, "recall_queries", "search_batch_size")
+        if self.nlist is not None and self.nlist <= 0:
+            raise ValueError(f"IndexConfig.nlist must be positive or None, got {self.nlist}")
+
+
+@dataclass
+class DedupConfig:
+    """Copy-detection self-dedup: k-NN graph, threshold, connected components, keep one each."""
+
+    enabled: bool = True
+    # Neighbours per image in the k-NN graph (DINOv2 App. A.3). The same graph feeds the
+    # component propagation of decontamination.
+    k: int = 64
+    # Cosine above which two images are copies (DINOv2 App. A.3 with SSCD descriptors).
+    threshold: float = 0.6
+
+    def __post_init__(self) -> None:
+        _require_positive(self, "k")
+        _require_cosine(self, "threshold")
+
+
+@dataclass
+class DecontaminationConfig:
+    """Removal of pool images near any evaluation image (train and test splits alike)."""
+
+    enabled: bool = True
+    # Pool neighbours retrieved per evaluation image.
+    k: int = 64
+    # Stricter than self-dedup: cosine > 0.45 to an eval image marks a pool image (App. A.3).
+    threshold: float = 0.45
+    # Drop the whole pool component (pool-pool edges above `threshold`) that touches an eval
+    # image, as DINOv2 does, instead of only the direct neighbours.
+    propagate: bool = True
+
+    def __post_init__(self) -> None:
+        _require_positive(self, "k")
+        _require_cosine(self, "threshold")
+
+
+@dataclass
+class ClusteringConfig:
+    """Hierarchical k-means with resampling (Vo et al. 2024), finest level first."""
+
+    enabled: bool = True
+    # Clusters per level, bottom-up; level t clusters the centroids of level t-1. Vo et al. use
+    # 10M/500k/50k/10k for 743M images; ours keep a similar fan-out for 1e5-1e7-image pools.
+    n_clusters: tuple[int, ...] = (1000, 100, 10)
+    # Resampling-clustering steps after the initial k-means of each level (0 = plain k-means).
+    # Vo et al.: none at the first level, 10 at every higher level.
+    n_resampling_steps: tuple[int, ...] = (0, 10, 10)
+    # Points closest to each centroid kept for the next resampling step, "roughly half the
+    # average cluster size" (Vo et al.); a value <= 1 disables resampling at that level.
+    sample_size: tuple[int, ...] = (1, 5, 5)
+    # Lloyd iterations per k-means run (Vo et al. use 50).
+    n_iter: int = 50
+    # Cosine (spherical) k-means instead of the L2 k-means Vo et al. run.
+    spherical: bool = False
+    # faiss trains each k-means on at most this many points per centroid (its default, 256),
+    # which keeps the first level affordable; assignment always covers every point.
+    max_points_per_centroid: int = 256
+
+    def __post_init__(self) -> None:
+        self.n_clusters = tuple(int(v) for v in self.n_clusters)
+        self.n_resampling_steps = tuple(int(v) for v in self.n_resampling_steps)
+        self.sample_size = tuple(int(v) for v in self.sample_size)
+        n = len(self.n_clusters)
+        if n == 0:
+            raise ValueError("ClusteringConfig.n_clusters must list at least one level")
+        for name in ("n_resampling_steps", "sample_size"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(
+                    f"ClusteringConfig.{name} has {len(getattr(self, name))} entries, "
+                    f"n_clusters has {n}: give one per level"
+                )
+        if min(self.n_clusters) <= 0 or min(self.n_resampling_steps) < 0:
+            raise ValueError(
+                f"ClusteringConfig: n_clusters must be positive and n_resampling_steps >= 0, got "
+                f"{self.n_clusters} / {self.n_resampling_steps}"
+            )
+        if any(b > a for a, b in zip(self.n_clusters, self.n_clusters[1:])):
+            raise ValueError(f"ClusteringConfig.n_clusters must not grow with the level: {self.n_clusters}")
+        _require_positive(self, "n_iter", "max_points_per_centroid")
+
+
+@dataclass
+class SamplingConfig:
+    """Balanced sampling of the clustered pool (Vo et al. 2024, water-filling down the tree)."""
+
+    enabled: bool = True
+    # "hierarchical": equal shares per top-level cluster, recursively; "flat": finest level only.
+    strategy: str = "hierarchical"
+    # Absolute number of images to sample; overrides target_fraction when set.
+    target_size: int | None = None
+    # Fraction of the cleaned pool to keep: DINOv3's LVD-1689M is ~10% of its ~17B pool.
+    target_fraction: float = 0.1
+    # Which images a leaf cluster gives up first: "closest" to its centroid (Vo et al.'s web-image
+    # config) or "random".
+    within_cluster: str = "closest"
+
+    def __post_init__(self) -> None:
+        _require_choice(self, "strategy", _SAMPLING_STRATEGIES)
+        _require_choice(self, "within_cluster", _WITHIN_CLUSTER)
+        if self.target_size is not None and self.target_size < 0:
+            raise ValueError(f"SamplingConfig.target_size must be >= 0 or None, got {self.target_size}")
+        if not 0.0 < self.target_fraction <= 1.0:
+            raise ValueError(f"SamplingConfig.target_fraction must be in (0, 1], got {self.target_fraction}")
+
+
+@dataclass
+class RetrievalConfig:
+    """Retrieval of pool images that resemble a curated seed set (DINOv2 App. A.4)."""
+
+    enabled: bool = True
+    # "auto" = DINOv2's rule: sample-based for seed sets of at least `auto_sample_min_seeds`
+    # images, cluster-based below; "sample", "cluster" or "both" force a choice.
+    mode: str = "auto"
+    auto_sample_min_seeds: int = 1_000_000
+    # Nearest pool images per seed image: 4 for ImageNet-22k / GLDv2 (32 for ImageNet-1k).
+    n_per_seed: int = 4
+    # Images taken from each pool cluster that holds enough seed images (10,000 in DINOv2).
+    per_cluster: int = 10_000
+    # A cluster qualifies when it holds at least this many seed images ("more than 3").
+    min_seed_in_cluster: int = 4
+    # Cap on images retrieved for one seed set (1M per dataset in DINOv2).
+    max_total: int = 1_000_000
+    # Pool clusters for cluster-based retrieval: None reuses the finest level of the pool
+    # clustering; a number runs a separate flat k-means (DINOv2 used 100,000).
+    n_clusters: int | None = None
+
+    def __post_init__(self) -> None:
+        _require_choice(self, "mode", _RETRIEVAL_MODES)
+        _require_positive(self, "auto_sample_min_seeds", "n_per_seed", "per_cluster", "min_seed_in_cluster")
+        _require_positive(self, "max_total")
+        if self.n_clusters is not None and self.n_clusters <= 0:
+            raise ValueError(f"RetrievalConfig.n_clusters must be positive or None, got {self.n_clusters}")
+
+
+@dataclass
+class CurationConfig:
+    """All curation steps, run in this order by `plan.curate_arrays`; each can be switched off."""
+
+    index: IndexConfig = field(default_factory=IndexConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    decontamination: DecontaminationConfig = field(default_factory=DecontaminationConfig)
+    clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    # What of the cleaned pool enters the output besides retrieved images: "balanced" (the
+    # balanced sample; needs clustering and sampling), "all", or "none" (DINOv2's LVD-142M is
+    # retrieval only).
+    pool_selection: str = "balanced"
+
+    def __post_init__(self) -> None:
+        _require_choice(self, "pool_selection", _POOL_SELECTIONS)
+        if self.pool_selection == "balanced" and not (self.clustering.enabled and self.sampling.enabled):
+            raise ValueError(
+                "CurationConfig.pool_selection='balanced' needs clustering.enabled and sampling.enabled; "
+                "use pool_selection='all' or 'none' otherwise"
+            )
+
+
+def _require_positive(obj: object, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value <= 0:
+            raise ValueError(f"{type(obj).__name__}.{name} must be positive, got {value}")
+
+
+def _require_cosine(obj: object, name: str) -> None:
+    value = getattr(obj, name)
+    if not -1.0 <= value <= 1.0:
+        raise ValueError(f"{type(obj).__name__}.{name} is a cosine similarity in [-1, 1], got {value}")
+
+
+def _require_choice(obj: object, name: str, choices: tuple[str, ...]) -> None:
+    value = getattr(obj, name)
+    if value not in choices:
+        raise ValueError(f"{type(obj).__name__}.{name} must be one of {choices}, got {value!r}")

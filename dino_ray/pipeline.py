@@ -1,0 +1,270 @@
+"""Run a chain of stages with manifests, skip/resume and one MLflow parent run.
+
+A stage is a function ``run(cfg, ctx) -> StageResult`` named in the registry
+(:mod:`dino_ray.stages`); the runner never looks inside it. What the runner owns:
+
+* **Keys.** A stage's key hashes its own config section, the job seed and the *run tokens* of the
+  upstream manifests it reads. A stage whose manifest carries the same key is skipped; a changed
+  config changes the key, and the fresh run token then changes every downstream key, so exactly the
+  stage and what depends on it re-run. Deleting a stage's output does the same.
+* **Manifests.** Written last, after the stage's outputs, so a manifest means "complete".
+* **Resume.** A failed stage leaves no manifest; the next run starts it again with the same MLflow
+  run (same key) and, for training, the same Ray Train run name, so it continues from its last
+  checkpoint. Earlier stages' outputs are never touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import time
+import uuid
+from typing import Any, Callable, Mapping, Sequence
+
+import yaml
+
+from dino_ray import storage, tracking
+from dino_ray.config.loader import config_hash
+from dino_ray.config.typed import ConfigError, flatten, to_dict
+
+log = logging.getLogger("dino_ray.pipeline")
+
+MANIFEST = "_manifest.json"
+RUN_RECORD = "_run.json"
+PIPELINE_RECORD = "_pipeline.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+    """A registered stage: where its code is and which stages' outputs it reads for a given config."""
+
+    name: str
+    entry: str | Callable[..., "StageResult"]  # "package.module:function", imported only when the stage runs
+    needs: Callable[[Any], Sequence[str]] = lambda cfg: ()
+
+    def load(self) -> Callable[..., "StageResult"]:
+        if callable(self.entry):
+            return self.entry
+        module, _, fn = self.entry.partition(":")
+        return getattr(importlib.import_module(module), fn)
+
+
+@dataclasses.dataclass
+class StageResult:
+    outputs: dict[str, str]
+    summary: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class StageContext:
+    """What a stage gets from the runner: where to write, what upstream produced, where to log."""
+
+    stage: str
+    job: Any
+    stage_dir: str
+    upstream: dict[str, dict[str, str]]
+    tracking_uri: str
+    run_id: str
+    parent_run_id: str
+    ensure_ray: Callable[[], None]
+
+    def path(self, *parts: str) -> str:
+        return storage.join(self.stage_dir, *parts)
+
+    def input(self, stage: str, output: str) -> str:
+        try:
+            return self.upstream[stage][output]
+        except KeyError:
+            raise ConfigError(f"stage {self.stage} needs output {output!r} of stage {stage!r}, "
+                              f"which is not available (have: {self.upstream})") from None
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, stage: str, cause: BaseException):
+        self.stage = stage
+        super().__init__(f"stage {stage!r} failed: {type(cause).__name__}: {cause}")
+
+
+def read_manifest(stage_dir: str) -> dict[str, Any] | None:
+    uri = storage.join(stage_dir, MANIFEST)
+    if not storage.exists(uri):
+        return None
+    try:
+        return storage.read_json(uri)
+    except (ValueError, OSError):
+        log.warning("ignoring unreadable manifest %s", uri)
+        return None
+
+
+class Pipeline:
+    """Runs ``job.stages`` in registry order under ``job.output_root``."""
+
+    def __init__(self, job: Any, registry: Mapping[str, StageSpec] | None = None,
+                 ensure_ray: Callable[[], None] | None = None):
+        if registry is None:
+            from dino_ray.stages import REGISTRY as registry  # noqa: N811
+        self.job = job
+        self.registry = dict(registry)
+        self.ensure_ray = ensure_ray or (lambda: None)
+        unknown = [s for s in job.stages if s not in self.registry]
+        if unknown:
+            raise ConfigError(f"unknown stage(s) {unknown}; known: {list(self.registry)}", "stages")
+
+    # ------------------------------------------------------------------ planning
+    def stage_dir(self, name: str) -> str:
+        return storage.join(self.job.output_root, name)
+
+    def ordered(self) -> list[str]:
+        return [s for s in self.registry if s in self.job.stages]
+
+    def key(self, name: str, tokens: Mapping[str, str]) -> str:
+        section = getattr(self.job, name, None)
+        return config_hash({"stage": name, "config": to_dict(section), "seed": self.job.seed,
+                            "upstream": dict(sorted(tokens.items()))})
+
+    def check_inputs(self) -> None:
+        """Fail before any cluster work when a stage reads a stage that neither ran nor will run."""
+        planned = set(self.ordered())
+        for name in self.ordered():
+            for up in self.registry[name].needs(self.job):
+                if up not in planned and read_manifest(self.stage_dir(up)) is None:
+                    raise ConfigError(
+                        f"stage {name!r} reads the output of stage {up!r}, but "
+                        f"{self.stage_dir(up)} has no completed {up!r} stage: run it first "
+                        f"(add it to `stages`) or point {name} at existing inputs", "stages")
+
+    # ------------------------------------------------------------------ running
+    def run(self, force: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
+        bad = [f for f in force if f not in self.registry]
+        if bad:
+            raise ConfigError(f"--force names unknown stage(s) {bad}; known: {list(self.registry)}")
+        self.check_inputs()
+        manifests: dict[str, dict[str, Any]] = {}
+        tracker: _Tracker | None = None
+        for name in self.ordered():
+            spec = self.registry[name]
+            needs = list(spec.needs(self.job))
+            for up in needs:
+                if up not in manifests:
+                    m = read_manifest(self.stage_dir(up))
+                    if m is None:
+                        raise ConfigError(f"stage {name!r} needs stage {up!r} to be complete", "stages")
+                    manifests[up] = m
+            tokens = {up: manifests[up]["token"] for up in needs}
+            key = self.key(name, tokens)
+            existing = read_manifest(self.stage_dir(name))
+            if existing and existing.get("key") == key and name not in force:
+                log.info("stage %s: up to date (key %s), skipped", name, key)
+                manifests[name] = existing
+                continue
+            tracker = tracker or _Tracker(self.job)
+            try:
+                manifests[name] = self._run_stage(spec, key, {up: manifests[up]["outputs"] for up in needs},
+                                                  tokens, tracker)
+            except BaseException:
+                tracking.set_status(tracker.uri, tracker.parent_id, "FAILED")
+                raise
+        if tracker is not None:
+            tracker.finish()
+        return manifests
+
+    def _run_stage(self, spec: StageSpec, key: str, upstream: dict[str, dict[str, str]],
+                   tokens: dict[str, str], tracker: "_Tracker") -> dict[str, Any]:
+        name = spec.name
+        stage_dir = self.stage_dir(name)
+        storage.makedirs(stage_dir)
+        run_id = tracker.stage_run(name, key, stage_dir)
+        section = to_dict(getattr(self.job, name, None))
+        storage.write_bytes(storage.join(stage_dir, "config.yaml"),
+                            yaml.safe_dump({name: section, "seed": self.job.seed}, sort_keys=False).encode())
+        ctx = StageContext(stage=name, job=self.job, stage_dir=stage_dir, upstream=upstream,
+                           tracking_uri=tracker.uri, run_id=run_id, parent_run_id=tracker.parent_id,
+                           ensure_ray=self._ensure_ray_tagged(tracker, run_id))
+        log.info("stage %s: running (key %s) -> %s", name, key, stage_dir)
+        start = time.time()
+        try:
+            result = spec.load()(self.job, ctx)
+        except BaseException as e:  # noqa: BLE001 - recorded, then re-raised
+            tracking.set_status(tracker.uri, run_id, "FAILED")
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise StageFailed(name, e) from e
+        manifest = {
+            "stage": name, "key": key, "token": uuid.uuid4().hex, "upstream_tokens": tokens,
+            "inputs": upstream, "outputs": result.outputs, "summary": result.summary,
+            "seconds": round(time.time() - start, 2), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "mlflow_run_id": run_id, "config_hash": config_hash(section),
+        }
+        tracking.log_metrics(tracker.uri, run_id, {f"summary/{k}": v for k, v in flatten(result.summary).items()
+                                                   if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        tracking.log_text(tracker.uri, run_id, yaml.safe_dump(manifest, sort_keys=False), "manifest.yaml")
+        storage.write_json(storage.join(stage_dir, MANIFEST), manifest)
+        tracking.set_status(tracker.uri, run_id, "FINISHED")
+        return manifest
+
+    def _ensure_ray_tagged(self, tracker: "_Tracker", run_id: str) -> Callable[[], None]:
+        def ensure() -> None:
+            self.ensure_ray()
+            try:
+                import ray
+
+                if ray.is_initialized():
+                    res = {k: v for k, v in ray.cluster_resources().items() if not k.startswith("node:")}
+                    tracking.set_tags(tracker.uri, run_id, {"ray.cluster_resources": res})
+            except Exception:  # noqa: BLE001 - tagging must never fail a stage
+                log.debug("could not tag ray resources", exc_info=True)
+        return ensure
+
+
+class _Tracker:
+    """Parent run of an output root, and the nested run of each stage."""
+
+    def __init__(self, job: Any):
+        self.job = job
+        self.uri = tracking.resolve_tracking_uri(job.tracking.tracking_uri)
+        self.exp_id = tracking.experiment_id(self.uri, job.tracking.experiment)
+        record_uri = storage.join(job.output_root, PIPELINE_RECORD)
+        record = storage.read_json(record_uri) if storage.exists(record_uri) else {}
+        parent = record.get("parent_run_id")
+        if record.get("tracking_uri") != self.uri or not tracking.run_exists(self.uri, parent):
+            parent = tracking.create_run(self.uri, self.exp_id, job.tracking.run_name or job.name,
+                                         tags={**tracking.environment_tags(), "dino_ray.output_root": job.output_root})
+            storage.write_json(record_uri, {"parent_run_id": parent, "tracking_uri": self.uri,
+                                            "experiment_id": self.exp_id})
+        else:
+            tracking.set_status(self.uri, parent, "RUNNING")
+        self.parent_id = parent
+        resolved = to_dict(job)
+        tracking.log_params(self.uri, parent, {k: v for k, v in flatten(resolved).items()
+                                               if k.split(".")[0] not in job.stage_names()})
+        tracking.log_text(self.uri, parent, yaml.safe_dump(_redact(resolved), sort_keys=False),
+                          "config/resolved.yaml")
+
+    def stage_run(self, name: str, key: str, stage_dir: str) -> str:
+        record_uri = storage.join(stage_dir, RUN_RECORD)
+        record = storage.read_json(record_uri) if storage.exists(record_uri) else {}
+        run_id = record.get("run_id")
+        if record.get("key") == key and record.get("tracking_uri") == self.uri and tracking.run_exists(self.uri, run_id):
+            tracking.set_status(self.uri, run_id, "RUNNING")
+            return run_id
+        run_id = tracking.create_run(self.uri, self.exp_id, name, parent_run_id=self.parent_id,
+                                     tags={**tracking.environment_tags(), "dino_ray.stage": name,
+                                           "dino_ray.key": key})
+        section = to_dict(getattr(self.job, name, None))
+        tracking.log_params(self.uri, run_id, flatten({name: section, "seed": self.job.seed}))
+        tracking.log_text(self.uri, run_id, yaml.safe_dump(_redact({name: section}), sort_keys=False),
+                          "config/stage.yaml")
+        storage.write_json(record_uri, {"key": key, "run_id": run_id, "tracking_uri": self.uri})
+        return run_id
+
+    def finish(self) -> None:
+        tracking.set_status(self.uri, self.parent_id, "FINISHED")
+
+
+def _redact(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: ("***" if tracking.is_secret(str(k)) else _redact(v)) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_redact(v) for v in tree]
+    return tree

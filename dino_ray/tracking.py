@@ -1,0 +1,185 @@
+"""MLflow conventions: where runs go, how they nest, what every run is tagged with.
+
+One parent run per pipeline output root (re-running the same pipeline continues it), one nested
+run per stage (a retried stage with the same config continues its run, so step counters never go
+backwards), and one nested run per evaluated backbone inside the eval stage. Workers (rank 0 of a
+train loop, Tune trials) reattach to a run by id with :func:`attach`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from importlib import metadata
+from typing import Any, Iterator, Mapping
+
+SECRET_MARKERS = ("key", "secret", "token", "password", "credential", "passwd")
+LOCAL_DB = "mlflow.db"
+LOCAL_ARTIFACTS = "mlruns"
+
+
+def resolve_tracking_uri(configured: str | None = None) -> str:
+    """Config value, else ``MLFLOW_TRACKING_URI``, else a sqlite store in the working directory."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{os.path.abspath(LOCAL_DB)}"
+
+
+def _client_env() -> None:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "true")
+
+
+def is_secret(key: str) -> bool:
+    last = key.lower().rsplit(".", 1)[-1]
+    return any(m in last for m in SECRET_MARKERS)
+
+
+def safe_params(flat: Mapping[str, Any]) -> dict[str, str]:
+    """MLflow params from a flattened config: secrets dropped, values stringified and truncated."""
+    out = {}
+    for k, v in flat.items():
+        if is_secret(k):
+            continue
+        s = str(v)
+        out[k] = s if len(s) <= 6000 else s[:5997] + "..."
+    return out
+
+
+def experiment_id(tracking_uri: str, name: str) -> str:
+    import mlflow
+
+    _client_env()
+    mlflow.set_tracking_uri(tracking_uri)
+    client = mlflow.MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if tracking_uri.startswith("sqlite:///") and not os.environ.get("MLFLOW_ARTIFACT_ROOT"):
+        db = tracking_uri[len("sqlite:///"):]
+        location = "file://" + os.path.join(os.path.dirname(os.path.abspath(db)), LOCAL_ARTIFACTS)
+    return client.create_experiment(name, artifact_location=location or os.environ.get("MLFLOW_ARTIFACT_ROOT"))
+
+
+def run_exists(tracking_uri: str, run_id: str | None) -> bool:
+    if not run_id:
+        return False
+    import mlflow
+
+    try:
+        mlflow.MlflowClient(tracking_uri).get_run(run_id)
+        return True
+    except Exception:  # noqa: BLE001 - any lookup failure means "start a new run"
+        return False
+
+
+def create_run(tracking_uri: str, exp_id: str, name: str, parent_run_id: str | None = None,
+               tags: Mapping[str, str] | None = None) -> str:
+    import mlflow
+
+    all_tags = dict(tags or {})
+    all_tags["mlflow.runName"] = name
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = mlflow.MlflowClient(tracking_uri).create_run(exp_id, tags=all_tags, run_name=name)
+    return run.info.run_id
+
+
+def set_status(tracking_uri: str, run_id: str, status: str) -> None:
+    """``RUNNING``, ``FINISHED`` or ``FAILED``."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    if status == "RUNNING":
+        client.update_run(run_id, status="RUNNING")
+    else:
+        client.set_terminated(run_id, status=status)
+
+
+@contextlib.contextmanager
+def attach(tracking_uri: str, run_id: str) -> Iterator[Any]:
+    """Make ``run_id`` the active run in this process (a worker, a trial) and yield ``mlflow``."""
+    import mlflow
+
+    _client_env()
+    mlflow.set_tracking_uri(tracking_uri)
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == run_id:
+        yield mlflow
+        return
+    with mlflow.start_run(run_id=run_id, nested=active is not None):
+        yield mlflow
+
+
+def log_params(tracking_uri: str, run_id: str, flat: Mapping[str, Any]) -> None:
+    """Log params in batches; values that already exist with the same value are fine on a retry."""
+    import mlflow
+    from mlflow.entities import Param
+
+    client = mlflow.MlflowClient(tracking_uri)
+    existing = client.get_run(run_id).data.params
+    items = [Param(k, v) for k, v in safe_params(flat).items() if k not in existing]
+    for i in range(0, len(items), 90):
+        client.log_batch(run_id, params=items[i:i + 90])
+
+
+def log_metrics(tracking_uri: str, run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:
+    import time
+
+    import mlflow
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    items = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items() if _is_number(v)]
+    for i in range(0, len(items), 500):
+        mlflow.MlflowClient(tracking_uri).log_batch(run_id, metrics=items[i:i + 500])
+
+
+def _is_number(v: Any) -> bool:
+    try:
+        float(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def set_tags(tracking_uri: str, run_id: str, tags: Mapping[str, Any]) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    for k, v in tags.items():
+        client.set_tag(run_id, k, str(v)[:5000])
+
+
+def log_artifact_file(tracking_uri: str, run_id: str, path: str, artifact_path: str | None = None) -> None:
+    import mlflow
+
+    mlflow.MlflowClient(tracking_uri).log_artifact(run_id, path, artifact_path)
+
+
+def log_text(tracking_uri: str, run_id: str, text: str, artifact_file: str) -> None:
+    import mlflow
+
+    mlflow.MlflowClient(tracking_uri).log_text(run_id, text, artifact_file)
+
+
+def environment_tags() -> dict[str, str]:
+    """Git commit and package versions, so a run says exactly what produced it."""
+    tags: dict[str, str] = {}
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=os.getcwd())
+        if commit.returncode == 0:
+            tags["git_commit"] = commit.stdout.strip()
+            tags["mlflow.source.git.commit"] = commit.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    for pkg in ("dino-ray", "torch", "ray", "deepspeed", "mlflow", "faiss-cpu", "pyarrow"):
+        try:
+            tags[f"version.{pkg}"] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            continue
+    return tags

@@ -1,0 +1,153 @@
+"""The chain's skip / resume / force / failure logic, with small test stages and a real MLflow store."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import pytest
+
+from dino_ray import storage
+from dino_ray.config.typed import ConfigError
+from dino_ray.pipeline import Pipeline, StageFailed, StageResult, StageSpec
+
+
+@dataclasses.dataclass
+class Section:
+    value: int = 1
+    fail: bool = False
+
+
+@dataclasses.dataclass
+class Tracking:
+    tracking_uri: str | None = None
+    experiment: str = "test-pipeline"
+    run_name: str | None = None
+
+
+@dataclasses.dataclass
+class Job:
+    output_root: str
+    stages: list = dataclasses.field(default_factory=lambda: ["a", "b", "c"])
+    name: str = "test"
+    seed: int = 0
+    tracking: Tracking = dataclasses.field(default_factory=Tracking)
+    a: Section = dataclasses.field(default_factory=Section)
+    b: Section = dataclasses.field(default_factory=Section)
+    c: Section = dataclasses.field(default_factory=Section)
+
+    def stage_names(self):
+        return ["a", "b", "c"]
+
+
+CALLS: list[str] = []
+
+
+def _stage(name):
+    def run(job, ctx):
+        CALLS.append(name)
+        section = getattr(job, name)
+        if section.fail:
+            raise RuntimeError(f"{name} broke on purpose")
+        upstream = {k: storage.read_bytes(v["data"]).decode() for k, v in ctx.upstream.items()}
+        out = ctx.path("data.txt")
+        storage.write_bytes(out, json.dumps({"value": section.value, "up": upstream}).encode())
+        return StageResult(outputs={"data": out}, summary={"value": section.value})
+    return run
+
+
+REGISTRY = {
+    "a": StageSpec("a", _stage("a")),
+    "b": StageSpec("b", _stage("b"), needs=lambda job: ["a"]),
+    "c": StageSpec("c", _stage("c"), needs=lambda job: ["b"]),
+}
+
+
+@pytest.fixture
+def job(tmp_path):
+    CALLS.clear()
+    return Job(output_root=str(tmp_path / "out"),
+               tracking=Tracking(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db"))
+
+
+def test_runs_then_skips_everything(job):
+    Pipeline(job, REGISTRY).run()
+    assert CALLS == ["a", "b", "c"]
+    CALLS.clear()
+    Pipeline(job, REGISTRY).run()
+    assert CALLS == []
+
+
+def test_changed_config_reruns_stage_and_downstream_only(job):
+    Pipeline(job, REGISTRY).run()
+    CALLS.clear()
+    job.b.value = 7
+    Pipeline(job, REGISTRY).run()
+    assert CALLS == ["b", "c"]
+
+
+def test_deleted_output_reruns_it_and_downstream(job):
+    Pipeline(job, REGISTRY).run()
+    CALLS.clear()
+    storage.delete(os.path.join(job.output_root, "b"))
+    Pipeline(job, REGISTRY).run()
+    assert CALLS == ["b", "c"]
+
+
+def test_force_reruns_stage_and_downstream(job):
+    Pipeline(job, REGISTRY).run()
+    CALLS.clear()
+    Pipeline(job, REGISTRY).run(force=["a"])
+    assert CALLS == ["a", "b", "c"]
+
+
+def test_failure_stops_chain_keeps_outputs_and_resumes(job):
+    job.b.fail = True
+    with pytest.raises(StageFailed, match="'b' failed: RuntimeError: b broke on purpose"):
+        Pipeline(job, REGISTRY).run()
+    assert CALLS == ["a", "b"]
+    assert storage.exists(os.path.join(job.output_root, "a", "_manifest.json"))
+    assert not storage.exists(os.path.join(job.output_root, "b", "_manifest.json"))
+    CALLS.clear()
+    job.b.fail = False  # the fix changes b's config: only b and c run, a is kept
+    Pipeline(job, REGISTRY).run()
+    assert CALLS == ["b", "c"]
+
+
+def test_single_stage_job_needs_completed_upstream(job):
+    job.stages = ["c"]
+    with pytest.raises(ConfigError, match="stage 'c' reads the output of stage 'b'"):
+        Pipeline(job, REGISTRY).run()
+    assert CALLS == []
+
+
+def test_unknown_stage_and_force_are_config_errors(job):
+    job.stages = ["a", "x"]
+    with pytest.raises(ConfigError, match=r"unknown stage\(s\) \['x'\]"):
+        Pipeline(job, REGISTRY)
+    job.stages = ["a"]
+    with pytest.raises(ConfigError, match="--force names unknown"):
+        Pipeline(job, REGISTRY).run(force=["nope"])
+
+
+def test_mlflow_nesting_on_real_server(job, mlflow_server):
+    import mlflow
+
+    job.tracking.tracking_uri = mlflow_server
+    manifests = Pipeline(job, REGISTRY).run()
+    client = mlflow.MlflowClient(mlflow_server)
+    parent = json.loads(open(os.path.join(job.output_root, "_pipeline.json")).read())["parent_run_id"]
+    children = client.search_runs([client.get_experiment_by_name("test-pipeline").experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    assert sorted(r.info.run_name for r in children) == ["a", "b", "c"]
+    assert all(r.info.status == "FINISHED" for r in children)
+    assert {r.info.run_id for r in children} == {m["mlflow_run_id"] for m in manifests.values()}
+    assert client.get_run(parent).info.status == "FINISHED"
+    assert "version.mlflow" in client.get_run(parent).data.tags
+    assert client.get_run(children[0].info.run_id).data.params["seed"] == "0"
+    # a second run of the same output root continues the same parent run
+    job.c.value = 3
+    Pipeline(job, REGISTRY).run()
+    again = json.loads(open(os.path.join(job.output_root, "_pipeline.json")).read())["parent_run_id"]
+    assert again == parent
