@@ -12,6 +12,7 @@ _POOL_SELECTIONS = ("balanced", "all", "none")
 _SAMPLING_STRATEGIES = ("hierarchical", "flat")
 _WITHIN_CLUSTER = ("random", "closest")
 _RETRIEVAL_MODES = ("auto", "sample", "cluster", "both")
+_KMEANS_INITS = ("kmeans++", "random")
 
 
 @dataclass
@@ -96,6 +97,11 @@ class ClusteringConfig:
     # faiss trains each k-means on at most this many points per centroid (its default, 256),
     # which keeps the first level affordable; assignment always covers every point.
     max_points_per_centroid: int = 256
+    # Seeding: "kmeans++" (D^2 sampling, as Vo et al.) covers sparse regions; "random" is faiss's.
+    init: str = "kmeans++"
+    # k-means++ seeds from this many random points (at least 2 per centroid): D^2 sampling is
+    # sequential in k, costing k * init_sample_size * D * log(k) multiply-adds.
+    init_sample_size: int = 8192
 
     def __post_init__(self) -> None:
         self.n_clusters = tuple(int(v) for v in self.n_clusters)
@@ -117,7 +123,8 @@ class ClusteringConfig:
             )
         if any(b > a for a, b in zip(self.n_clusters, self.n_clusters[1:])):
             raise ValueError(f"ClusteringConfig.n_clusters must not grow with the level: {self.n_clusters}")
-        _require_positive(self, "n_iter", "max_points_per_centroid")
+        _require_positive(self, "n_iter", "max_points_per_centroid", "init_sample_size")
+        _require_choice(self, "init", _KMEANS_INITS)
 
 
 @dataclass

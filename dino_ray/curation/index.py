@@ -55,7 +55,7 @@ def build_index(x: np.ndarray, cfg: IndexConfig, seed: int = 0) -> faiss.Index:
     nlist = ivf_nlist(n, cfg)
     index = faiss.index_factory(d, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
     ivf = faiss.extract_index_ivf(index)
-    ivf.cp.seed = seed
+    ivf.cp.seed = int(seed) % (2**31 - 1)  # faiss stores a C int
     ivf.cp.niter = cfg.train_iters
     # Our training sample is already sized by train_points_per_list; silence faiss's size warning.
     ivf.cp.min_points_per_centroid = 1

@@ -15,7 +15,7 @@ each), so the eval stage can rebuild any probe input from them without touching 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Union
 
 import numpy as np
@@ -46,7 +46,7 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 @contextlib.contextmanager
-def _eval_mode(module: nn.Module):
+def _eval_mode(module: nn.Module) -> Iterator[nn.Module]:
     """Stochastic depth and dropout must be off while extracting; restore the caller's mode after."""
     was_training = module.training
     module.eval()
@@ -84,10 +84,10 @@ def extract_features(backbone: nn.Module, images: torch.Tensor,
     if len(outputs) != n_last_blocks:
         raise ValueError(f"backbone returned {len(outputs)} blocks, asked for {n_last_blocks}")
     feats: dict[str, np.ndarray] = {}
+    for i in range(1, n_last_blocks + 1):  # outputs are ordered oldest block first
+        feats[f"cls_{i}"] = _to_numpy(outputs[-i][1])
     for i in range(1, n_last_blocks + 1):
-        patch_tokens, cls_token = outputs[-i]  # outputs are ordered oldest block first
-        feats[f"cls_{i}"] = _to_numpy(cls_token)
-        feats[f"avgpool_{i}"] = _to_numpy(patch_tokens.float().mean(dim=1))
+        feats[f"avgpool_{i}"] = _to_numpy(outputs[-i][0].float().mean(dim=1))
     return feats
 
 

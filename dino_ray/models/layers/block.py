@@ -55,5 +55,12 @@ class Block(nn.Module):
         if self.training and self.drop_path > 0.0:
             x = subset_residual(x, groups, self.attn_branch, self.drop_path)
             return subset_residual(x, groups, self.ffn_branch, self.drop_path)
-        x = x + self.attn_branch(x, groups)
-        return x + self.ffn_branch(x, groups)
+        x = self._add(x, self.attn(self.norm1(x), groups), self.ls1)
+        return self._add(x, self.mlp(self.norm2(x)), self.ls2)
+
+    @staticmethod
+    def _add(x: Tensor, update: Tensor, scale: nn.Module) -> Tensor:
+        """Residual add, fused with the LayerScale multiply (one elementwise pass instead of two)."""
+        if isinstance(scale, LayerScale):
+            return scale(update, residual=x)
+        return x + update

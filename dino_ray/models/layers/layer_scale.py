@@ -21,5 +21,8 @@ class LayerScale(nn.Module):
         with torch.no_grad():
             self.gamma.fill_(self.init_value)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return x * self.gamma
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """``x * gamma``, or ``residual + x * gamma`` in one fused pass when ``residual`` is given."""
+        if residual is None:
+            return x * self.gamma
+        return torch.addcmul(residual, x, self.gamma)

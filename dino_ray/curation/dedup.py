@@ -1,0 +1,138 @@
+"""Copy dedup of the pool and decontamination against evaluation sets (DINOv2 App. A.3).
+
+Both reduce to connected components of a thresholded k-NN graph: self-dedup keeps one image per
+component, decontamination drops every component that touches an evaluation image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+from .index import search
+from .knn_graph import KnnEdges
+
+
+@dataclass
+class DedupResult:
+    keep: np.ndarray  # bool [N]: the one representative of each component
+    component: np.ndarray  # int64 [N]: component id, numbered by smallest member
+    n_removed: int
+
+
+@dataclass
+class DecontaminationResult:
+    removed: np.ndarray  # bool [N]: pool images to drop
+    direct: np.ndarray  # bool [N]: pool images within the threshold of an evaluation image
+
+
+def union_find_components(n: int, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Root (smallest member) of every node's component, by vectorised union-find.
+
+    Each round hooks the larger root of every crossing edge onto the smaller one, then
+    compresses paths by pointer jumping; edges inside one component are dropped for good, so
+    rounds get cheaper. Pointers only ever go to smaller ids, hence no cycles, and the smallest
+    member of a component is never hooked, hence it ends as the root.
+    """
+    parent = np.arange(n, dtype=np.int64)
+    src, dst = _check_edges(n, src, dst)
+    while src.size:
+        root_u, root_v = parent[src], parent[dst]
+        crossing = root_u != root_v
+        src, dst = src[crossing], dst[crossing]
+        if not src.size:
+            break
+        root_u, root_v = root_u[crossing], root_v[crossing]
+        np.minimum.at(parent, np.maximum(root_u, root_v), np.minimum(root_u, root_v))
+        while True:
+            jumped = parent[parent]
+            if np.array_equal(jumped, parent):
+                break
+            parent = jumped
+    return parent
+
+
+def connected_components(n: int, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Component id per node, numbered 0.. in order of each component's smallest member.
+
+    Uses scipy's compiled traversal when scipy is installed (it is not a dependency of faiss),
+    the numpy union-find otherwise; both give the same numbering.
+    """
+    src, dst = _check_edges(n, src, dst)
+    try:
+        from scipy.sparse import coo_matrix
+        from scipy.sparse.csgraph import connected_components as scipy_components
+    except ImportError:
+        roots = union_find_components(n, src, dst)
+    else:
+        graph = coo_matrix((np.ones(src.size, dtype=np.int8), (src, dst)), shape=(n, n)).tocsr()
+        _, labels = scipy_components(graph, directed=True, connection="weak")
+        smallest = np.full(labels.max() + 1 if n else 0, n, dtype=np.int64)
+        np.minimum.at(smallest, labels, np.arange(n, dtype=np.int64))
+        roots = smallest[labels]
+    return np.unique(roots, return_inverse=True)[1].astype(np.int64)
+
+
+def self_dedup(edges: KnnEdges, threshold: float, quality: np.ndarray | None = None) -> DedupResult:
+    """Join copies (edges with cosine > threshold) and keep one image per component.
+
+    The kept image is the highest-`quality` one when scores are given (ties and the no-score case
+    go to the smallest index), so the choice never depends on search order or threads.
+    """
+    n = edges.n_nodes
+    strong = edges.above(threshold)
+    component = connected_components(n, strong.src, strong.dst)
+    if quality is None:
+        first = np.unique(component, return_index=True)[1]
+    else:
+        quality = np.asarray(quality, dtype=np.float64)
+        if quality.shape != (n,) or not np.isfinite(quality).all():
+            raise ValueError(f"quality must be {n} finite scores, got shape {quality.shape}")
+        order = np.lexsort((np.arange(n), -quality, component))
+        sorted_comp = component[order]
+        is_first = np.ones(n, dtype=bool)
+        is_first[1:] = sorted_comp[1:] != sorted_comp[:-1]
+        first = order[is_first]
+    keep = np.zeros(n, dtype=bool)
+    keep[first] = True
+    return DedupResult(keep=keep, component=component, n_removed=int(n - keep.sum()))
+
+
+def decontaminate(
+    index: faiss.Index,
+    eval_x: np.ndarray,
+    k: int,
+    threshold: float,
+    pool_component: np.ndarray | None = None,
+) -> DecontaminationResult:
+    """Pool images to drop because they are near-duplicates of evaluation images.
+
+    Pool images with cosine > threshold to an evaluation image are hit directly; with
+    `pool_component` (components of the pool graph at the same threshold) every image sharing a
+    component with a hit goes too, which also catches copies beyond the k searched neighbours.
+    """
+    n = index.ntotal
+    sim, ids = search(index, eval_x, min(k, n))
+    direct = np.zeros(n, dtype=bool)
+    direct[ids[(ids >= 0) & (sim > threshold)]] = True
+    if pool_component is None:
+        return DecontaminationResult(removed=direct.copy(), direct=direct)
+    pool_component = np.asarray(pool_component)
+    if pool_component.shape != (n,):
+        raise ValueError(f"pool_component must have one id per indexed image ({n}), got shape {pool_component.shape}")
+    tainted = np.zeros(int(pool_component.max()) + 1, dtype=bool)
+    tainted[pool_component[direct]] = True
+    return DecontaminationResult(removed=tainted[pool_component], direct=direct)
+
+
+def _check_edges(n: int, src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    src = np.asarray(src, dtype=np.int64).ravel()
+    dst = np.asarray(dst, dtype=np.int64).ravel()
+    if src.shape != dst.shape:
+        raise ValueError(f"src and dst must have the same length, got {src.size} and {dst.size}")
+    if src.size and (min(src.min(), dst.min()) < 0 or max(src.max(), dst.max()) >= n):
+        raise ValueError(f"edge endpoints must lie in [0, {n}), got range [{min(src.min(), dst.min())}, "
+                         f"{max(src.max(), dst.max())}]")
+    return src, dst

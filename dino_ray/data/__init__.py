@@ -1,0 +1,1 @@
+"""Image sources, robust decoding, iBOT masks and DINOv2 multi-crop: pure Python, no Ray."""

@@ -1,0 +1,114 @@
+"""Photometric augmentations on pixel tables: float32 tensors [..., 3, N] with values in [0, 255].
+
+A stack of same-sized crops is one [n, 3, H*W] table, so each op is a few vectorised passes over
+all crops at once; per-crop parameters are [n, 1, 1] tensors (or scalars). Semantics follow
+torchvision's ColorJitter / Grayscale / GaussianBlur / RandomSolarize: ITU-R 601-2 luma,
+brightness / contrast / saturation as blends with black / the crop's mean gray level / the gray
+image, hue shifted in HSV, reflect-padded separable Gaussian kernel, and values clamped to
+[0, 255] after every op as on uint8 images (rounding to uint8 happens once, at the end).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+LUMA = (0.299, 0.587, 0.114)
+# ColorJitter's op indices, in torchvision's order.
+BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
+
+
+def luma(x: torch.Tensor) -> torch.Tensor:
+    """Gray level of every pixel: [..., 3, N] -> [..., 1, N] (one batched GEMV)."""
+    weights = torch.tensor([LUMA], dtype=x.dtype, device=x.device)
+    return torch.matmul(weights, x)
+
+
+def mean_luma(x: torch.Tensor) -> torch.Tensor:
+    """Mean gray level per table: [..., 3, N] -> [..., 1, 1] (the luma of the channel means)."""
+    return luma(x.mean(dim=-1, keepdim=True))
+
+
+def blend(x: torch.Tensor, factor: torch.Tensor | float, base: torch.Tensor | float) -> torch.Tensor:
+    """``clamp(factor * x + (1 - factor) * base)`` as a new tensor.
+
+    Brightness blends with black (base 0), contrast with the mean gray level, saturation with the
+    per-pixel gray image; all three are this one affine op with a different base.
+    """
+    return (x * factor).add_((1.0 - factor) * base).clamp_(0.0, 255.0)
+
+
+def adjust_brightness(x: torch.Tensor, factor: torch.Tensor | float) -> torch.Tensor:
+    return blend(x, factor, 0.0)
+
+
+def adjust_contrast(x: torch.Tensor, factor: torch.Tensor | float) -> torch.Tensor:
+    return blend(x, factor, mean_luma(x))
+
+
+def adjust_saturation(x: torch.Tensor, factor: torch.Tensor | float) -> torch.Tensor:
+    return blend(x, factor, luma(x))
+
+
+_HUE_OFFSETS = (5.0, 3.0, 1.0)
+
+
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor | float) -> torch.Tensor:
+    """Rotate hue by ``shift`` turns (in [-0.5, 0.5]) keeping HSV saturation and value. New tensor.
+
+    No HSV image is materialised: with the hue h in sixths of a turn, the HSV->RGB inverse is
+    channel_n = max - (max - min) * clamp(min(k, 4 - k), 0, 1), k = (n + h) mod 6, n = 5, 3, 1
+    for R, G, B, and h comes from the same max / min. (Max-with-index is avoided: slow on CPU.)
+    """
+    r, g, b = x.unbind(dim=-2)
+    maxc = x.amax(dim=-2)
+    spread = maxc - x.amin(dim=-2)
+    h6 = torch.where(r == maxc, g - b,
+                     torch.where(g == maxc, (b - r).add_(spread, alpha=2.0), (r - g).add_(spread, alpha=4.0)))
+    if isinstance(shift, torch.Tensor):
+        shift = shift.squeeze(-2)  # [..., 1, 1] -> [..., 1], to broadcast against [..., N]
+    h6.div_(torch.where(spread > 0, spread, 1.0)).add_(shift * 6.0)
+    offsets = torch.tensor(_HUE_OFFSETS, dtype=x.dtype, device=x.device).reshape(3, 1)
+    k = h6.unsqueeze(-2) + offsets
+    k.sub_(torch.floor(k * (1.0 / 6.0)).mul_(6.0))  # k mod 6
+    k = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+    return k.mul_(spread.unsqueeze(-2)).neg_().add_(maxc.unsqueeze(-2))
+
+
+def to_grayscale(x: torch.Tensor) -> torch.Tensor:
+    """Gray image replicated on the three channels (a new tensor)."""
+    return luma(x).expand_as(x).clone()
+
+
+def solarize(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Invert the pixels at or above ``threshold`` (a new tensor)."""
+    return torch.where(x >= threshold, 255.0 - x, x)
+
+
+def gaussian_kernel(sigma: float, kernel_size: int) -> torch.Tensor:
+    """Normalised 1-D Gaussian taps [kernel_size]."""
+    taps = torch.arange(kernel_size, dtype=torch.float64) - kernel_size // 2
+    kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
+    return (kernel / kernel.sum()).to(torch.float32)
+
+
+def gaussian_blur(image: torch.Tensor, sigma: float, kernel_size: int) -> torch.Tensor:
+    """Separable Gaussian blur of one image [3, H, W], reflect padding (a new tensor).
+
+    Written as kernel_size shifted multiply-adds per direction, which on CPU beats a depthwise
+    conv2d at crop sizes (measured ~1.5-2x at 98 and 224 px).
+    """
+    _, h, w = image.shape
+    half = kernel_size // 2
+    if half >= min(h, w):
+        raise ValueError(f"blur kernel {kernel_size} too large for a {h}x{w} image (reflect padding)")
+    taps = gaussian_kernel(sigma, kernel_size).tolist()
+    padded = F.pad(image.unsqueeze(0), (half, half, 0, 0), mode="reflect")[0]
+    rows = padded[..., 0:w] * taps[0]
+    for i in range(1, kernel_size):
+        rows.add_(padded[..., i: i + w], alpha=taps[i])
+    padded = F.pad(rows.unsqueeze(0), (0, 0, half, half), mode="reflect")[0]
+    out = padded[:, 0:h] * taps[0]
+    for i in range(1, kernel_size):
+        out.add_(padded[:, i: i + h], alpha=taps[i])
+    return out

@@ -1,0 +1,295 @@
+"""Robust image decoding: bytes in, RGB uint8 out, or a DecodeError with a reason from a fixed vocabulary.
+
+Web-scale image pools always contain files that are empty, not images, cut off mid-download,
+enormous (decompression bombs), tiny, or in exotic pixel modes. One bad file must never stop a
+pipeline, and every skipped file must be accounted for: ``decode_batch`` therefore keeps every row
+and tags it with a ``skip_reason``, and ``SkipReport`` turns those tags into exact counts.
+
+Choices, stated once:
+- Alpha is composited on WHITE, not dropped. Transparent web images (logos, product shots) are
+  made to sit on white pages, and the RGB hidden under fully transparent pixels is arbitrary.
+- 16-bit and 32-bit integer images are scaled to 8 bits (divide by 257, i.e. 65535 -> 255), never
+  clipped; float images in [0, 1] are multiplied by 255; anything else is min-max scaled.
+- The decompression-bomb check uses the size in the file header, before any pixel is decoded, and
+  our own per-call ``max_pixels``; PIL's global ``Image.MAX_IMAGE_PIXELS`` is left untouched.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# The complete vocabulary of skip reasons; nothing else ever appears in ``skip_reason``.
+SKIP_REASONS = ("empty", "not_an_image", "truncated", "too_large", "too_small", "unsupported_mode", "other")
+
+# 128 Mi pixels (~134 M, 400 MB as RGB uint8): above the largest common camera sensors (100-MP medium
+# format), so no real photo is refused, yet a few concurrent decodes of the largest accepted image
+# still fit in a worker's memory. It also stays below PIL's own hard limit (2 x 89.5 M pixels).
+DEFAULT_MAX_PIXELS = 128 * 2**20
+
+# Modes PIL converts to RGB directly without losing anything that matters for training.
+_DIRECT_RGB_MODES = {"RGB", "L", "1", "CMYK", "YCbCr", "LAB", "HSV", "P"}
+_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+_WIDE_GRAY_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
+
+
+class DecodeError(Exception):
+    """A file that cannot become a training image; ``reason`` is one of ``SKIP_REASONS``."""
+
+    def __init__(self, reason: str, message: str):
+        if reason not in SKIP_REASONS:
+            raise ValueError(f"unknown skip reason {reason!r}; expected one of {SKIP_REASONS}")
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message
+
+
+@dataclass
+class DecodeConfig:
+    """How bytes become images."""
+
+    # Decompression-bomb limit in pixels (width * height), checked from the header before decoding.
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    # Decode JPEGs at a reduced scale (1/2, 1/4, 1/8 via libjpeg DCT scaling) as long as the short
+    # side stays >= this size. Much faster for large photos; None decodes at full size. The
+    # multi-crop pipeline sets it from its crop sizes (MultiCropConfig.min_source_size()).
+    draft_size: int | None = None
+    # Images whose short side is below this are refused (nothing useful can be cropped from them).
+    min_size: int = 2
+
+    def validate(self) -> "DecodeConfig":
+        if self.max_pixels < 1:
+            raise ValueError(f"DecodeConfig.max_pixels must be >= 1, got {self.max_pixels}")
+        pil_limit = Image.MAX_IMAGE_PIXELS
+        if pil_limit is not None and self.max_pixels > 2 * pil_limit:
+            raise ValueError(
+                f"DecodeConfig.max_pixels={self.max_pixels} exceeds PIL's hard limit 2 * Image.MAX_IMAGE_PIXELS"
+                f" = {2 * pil_limit}: PIL would refuse such images first; raise Image.MAX_IMAGE_PIXELS in"
+                " your program if you really need larger images")
+        if self.draft_size is not None and self.draft_size < 1:
+            raise ValueError(f"DecodeConfig.draft_size must be None or >= 1, got {self.draft_size}")
+        if self.min_size < 1:
+            raise ValueError(f"DecodeConfig.min_size must be >= 1, got {self.min_size}")
+        return self
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    """Parse the header only; PIL's bomb warning is silenced because our own limit decides."""
+    if len(data) == 0:
+        raise DecodeError("empty", "zero bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise DecodeError("too_large", str(e)) from None
+    except UnidentifiedImageError:
+        raise DecodeError("not_an_image", "no image format recognised the bytes") from None
+    except (OSError, EOFError, SyntaxError) as e:
+        # A recognised signature followed by a header that ends early.
+        reason = "truncated" if _looks_truncated(e) else "not_an_image"
+        raise DecodeError(reason, f"{type(e).__name__}: {e}") from None
+    w, h = img.size
+    if w * h > max_pixels:
+        raise DecodeError("too_large", f"{w}x{h} = {w * h} pixels > max_pixels {max_pixels}")
+    return img
+
+
+def _looks_truncated(e: BaseException) -> bool:
+    return isinstance(e, EOFError) or "truncat" in str(e).lower()
+
+
+def _draft(img: Image.Image, draft_size: int) -> None:
+    """Ask libjpeg for the largest DCT down-scaling that keeps the short side >= draft_size."""
+    w, h = img.size
+    short = min(w, h)
+    if img.format != "JPEG" or short <= draft_size:
+        return
+    f = draft_size / short
+    img.draft(None, (math.ceil(w * f), math.ceil(h * f)))
+
+
+def _load(img: Image.Image) -> None:
+    try:
+        img.load()
+    except (OSError, EOFError, SyntaxError, ValueError) as e:
+        reason = "truncated" if _looks_truncated(e) else "other"
+        raise DecodeError(reason, f"{type(e).__name__}: {e}") from None
+
+
+def _orient(img: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation; a broken EXIF block leaves the pixels as stored (they are fine)."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001 - any EXIF parsing failure means "no usable orientation"
+        return img
+
+
+def _composite_on_white(img: Image.Image) -> np.ndarray:
+    rgba = np.asarray(img.convert("RGBA"), dtype=np.float32)
+    alpha = rgba[..., 3:4] / 255.0
+    rgb = rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)
+    return np.rint(rgb).astype(np.uint8)
+
+
+def _wide_to_uint8(img: Image.Image) -> np.ndarray:
+    """16/32-bit integer and float gray to 8 bits by scaling (never clipping), replicated to RGB."""
+    a = np.asarray(img)
+    if a.dtype.kind == "f":
+        a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        lo, hi = (0.0, 1.0) if a.size == 0 or (a.min() >= 0.0 and a.max() <= 1.0) else (a.min(), a.max())
+    else:
+        a = a.astype(np.float64)
+        lo, hi = (0.0, 65535.0) if a.min() >= 0 and a.max() <= 65535 else (a.min(), a.max())
+    scaled = np.rint((a - lo) * (255.0 / max(hi - lo, 1e-12)))
+    gray = scaled.astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=2)
+
+
+def _to_rgb(img: Image.Image) -> np.ndarray:
+    mode = img.mode
+    if mode == "P" and "transparency" in img.info:
+        mode = "PA"
+    if mode == "RGB":
+        return np.asarray(img, dtype=np.uint8)
+    if mode in _ALPHA_MODES or mode == "PA":
+        return _composite_on_white(img)
+    if mode in _WIDE_GRAY_MODES:
+        return _wide_to_uint8(img)
+    if mode in _DIRECT_RGB_MODES:
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    raise DecodeError("unsupported_mode", f"pixel mode {img.mode!r} has no RGB conversion here")
+
+
+def decode_image(
+    data: bytes,
+    draft_size: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_size: int = 2,
+) -> np.ndarray:
+    """Decode one encoded image to a C-contiguous ``uint8 [H, W, 3]`` RGB array, or raise DecodeError."""
+    img = _open(data, max_pixels)
+    w, h = img.size
+    if min(w, h) < min_size:
+        raise DecodeError("too_small", f"{w}x{h} has a side < min_size {min_size}")
+    if draft_size is not None:
+        _draft(img, draft_size)
+    _load(img)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rgb = _to_rgb(_orient(img))
+    except DecodeError:
+        raise
+    except (OSError, ValueError) as e:
+        reason = "truncated" if _looks_truncated(e) else "other"
+        raise DecodeError(reason, f"{type(e).__name__}: {e}") from None
+    return np.ascontiguousarray(rgb)
+
+
+@dataclass
+class SkipReport:
+    """Exact accounting of a decode pass: ``n_decoded + n_skipped == n_inputs`` always holds."""
+
+    n_inputs: int = 0
+    n_decoded: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+    # Up to ``max_samples`` URIs per reason, in the order they were met, to go and look at.
+    samples: dict[str, list[str]] = field(default_factory=dict)
+    max_samples: int = 20
+
+    @property
+    def n_skipped(self) -> int:
+        return sum(self.counts.values())
+
+    def add(self, reason: str, uri: str) -> None:
+        """Record one input: ``reason == ""`` means it decoded."""
+        self.n_inputs += 1
+        if not reason:
+            self.n_decoded += 1
+            return
+        if reason not in SKIP_REASONS:
+            raise ValueError(f"unknown skip reason {reason!r} for {uri!r}; expected one of {SKIP_REASONS}")
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        bucket = self.samples.setdefault(reason, [])
+        if len(bucket) < self.max_samples:
+            bucket.append(uri)
+
+    @classmethod
+    def from_columns(cls, reasons, uris, max_samples: int = 20) -> "SkipReport":
+        report = cls(max_samples=max_samples)
+        for reason, uri in zip(reasons, uris):
+            report.add(str(reason), str(uri))
+        return report
+
+    def merge(self, other: "SkipReport") -> "SkipReport":
+        """A new report covering both inputs; sample lists are concatenated, then capped."""
+        out = SkipReport(self.n_inputs + other.n_inputs, self.n_decoded + other.n_decoded,
+                         dict(self.counts), {k: list(v) for k, v in self.samples.items()}, self.max_samples)
+        for reason, n in other.counts.items():
+            out.counts[reason] = out.counts.get(reason, 0) + n
+        for reason, uris in other.samples.items():
+            bucket = out.samples.setdefault(reason, [])
+            bucket.extend(uris[: max(0, out.max_samples - len(bucket))])
+        return out
+
+    def to_dict(self) -> dict:
+        return {"n_inputs": self.n_inputs, "n_decoded": self.n_decoded, "n_skipped": self.n_skipped,
+                "counts": dict(sorted(self.counts.items())), "samples": {k: list(v) for k, v in self.samples.items()}}
+
+
+def _placeholder() -> np.ndarray:
+    # Bad rows still need an image cell of the same rank so the column stays one tensor type.
+    return np.zeros((1, 1, 3), dtype=np.uint8)
+
+
+def decode_batch(batch: dict[str, np.ndarray], cfg: DecodeConfig | None = None) -> dict[str, np.ndarray]:
+    """Decode a numpy batch of rows ``{id, uri, label, bytes}`` for Ray Data ``map_batches``.
+
+    Every input row comes out (so counts stay exact): ``image`` holds the decoded array for good
+    rows and a 1x1 placeholder for bad ones, ``skip_reason`` is "" for good rows. The raw
+    ``bytes`` column is dropped here so encoded data is not carried further down the pipeline.
+    """
+    cfg = cfg or DecodeConfig()
+    n = len(batch["bytes"])
+    images = np.empty(n, dtype=object)
+    reasons = np.empty(n, dtype=object)
+    for i, data in enumerate(batch["bytes"]):
+        try:
+            images[i] = decode_image(_as_bytes(data), cfg.draft_size, cfg.max_pixels, cfg.min_size)
+            reasons[i] = ""
+        except DecodeError as e:
+            images[i], reasons[i] = _placeholder(), e.reason
+        except Exception:  # noqa: BLE001 - a decoder bug on one file must not kill the batch
+            images[i], reasons[i] = _placeholder(), "other"
+    out = {k: v for k, v in batch.items() if k != "bytes"}
+    out["image"] = images
+    out["skip_reason"] = reasons.astype(str) if n else np.array([], dtype=str)
+    return out
+
+
+def keep_decoded(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Only the rows of a ``decode_batch`` output that decoded, without the ``skip_reason`` column."""
+    good = np.asarray([r == "" for r in batch["skip_reason"]], dtype=bool)
+    return {k: _take(v, good) for k, v in batch.items() if k != "skip_reason"}
+
+
+def _take(column, mask: np.ndarray):
+    if isinstance(column, np.ndarray):
+        return column[mask]
+    return [x for x, keep in zip(column, mask) if keep]
+
+
+def _as_bytes(data) -> bytes:
+    if data is None:
+        return b""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data)
+    if isinstance(data, np.ndarray):
+        return data.tobytes()
+    raise TypeError(f"expected encoded image bytes, got {type(data).__name__}")

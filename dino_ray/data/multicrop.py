@@ -1,0 +1,324 @@
+"""DINOv2 multi-crop: 2 global + 8 local views per image, plus iBOT masks, without torchvision.
+
+Cost model: each image is decoded once; each crop is ONE PIL ``resize(..., box=...)`` call (crop and
+bicubic resize fused, so only the needed source pixels are touched); all photometric ops then run as
+vectorised tensor ops over the stack of same-sized crops (``color.py``); crops leave as uint8 CHW
+(4x less to ship than float32), and ``normalize_batch`` turns a whole batch into normalised floats
+on the training device. Randomness comes from one numpy Generator seeded with
+``(seed, epoch, sample_index)``, so a sample's views are reproducible anywhere and differ per epoch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dino_ray.data import color
+from dino_ray.data.masking import MaskingConfig, MaskSampler
+
+_INTERPOLATION = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+
+
+@dataclass
+class MultiCropConfig:
+    """Views and augmentations, DINOv2 defaults (ViT-*/14 training configs)."""
+
+    # Global views: seen by teacher and student; their size sets the patch grid of the iBOT masks.
+    global_crops_number: int = 2
+    global_crops_size: int = 224
+    # Fraction of the image area a crop covers (random-resized-crop scale), DINOv2 [0.32, 1].
+    global_crops_scale: tuple[float, float] = (0.32, 1.0)
+    # Local views: student only; 98 px = 7 x 14-px patches (96 for /16 models).
+    local_crops_number: int = 8
+    local_crops_size: int = 98
+    local_crops_scale: tuple[float, float] = (0.05, 0.32)
+    # Aspect-ratio range (w / h) of the crop box, sampled log-uniformly (torchvision default).
+    aspect_ratio_range: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+    # Backbone patch size: global masks are (global_crops_size // patch_size)^2 booleans.
+    patch_size: int = 14
+    flip_probability: float = 0.5
+    # ColorJitter: applied with this probability, ops in a random order per crop.
+    color_jitter_probability: float = 0.8
+    brightness: float = 0.4  # factor ~ U[1 - 0.4, 1 + 0.4]
+    contrast: float = 0.4  # factor ~ U[0.6, 1.4]
+    saturation: float = 0.2  # factor ~ U[0.8, 1.2]
+    hue: float = 0.1  # shift ~ U[-0.1, 0.1] turns of the colour wheel
+    grayscale_probability: float = 0.2
+    # Gaussian blur: kernel 9 taps, sigma ~ U[0.1, 2.0].
+    blur_kernel_size: int = 9
+    blur_sigma_range: tuple[float, float] = (0.1, 2.0)
+    # Blur probability per global crop (crop i uses entry i % len). The paper and the code's
+    # arguments say 1.0 / 0.1 (BYOL-style), but DINOv2's blur wrapper hands 1 - p to RandomApply,
+    # so every released DINOv2/DINOv3 model was trained with 0.0 / 0.9: we default to what was
+    # actually trained (set (1.0, 0.1) for the paper's intent).
+    global_blur_probability: tuple[float, ...] = (0.0, 0.9)
+    # Local crops: written 0.5, effective 1 - 0.5 = 0.5, so both readings agree.
+    local_blur_probability: float = 0.5
+    # Solarisation per global crop (crop i uses entry i % len): only the second view, p = 0.2.
+    global_solarize_probability: tuple[float, ...] = (0.0, 0.2)
+    solarize_threshold: float = 128.0
+    # ImageNet statistics used by normalize_batch (applied on device, not in the data workers).
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: str = "bicubic"
+
+    def validate(self) -> "MultiCropConfig":
+        for name in ("global_crops_number", "global_crops_size", "local_crops_size", "patch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"MultiCropConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.local_crops_number < 0:
+            raise ValueError(f"MultiCropConfig.local_crops_number must be >= 0, got {self.local_crops_number}")
+        if self.global_crops_size % self.patch_size:
+            raise ValueError(f"MultiCropConfig.global_crops_size {self.global_crops_size} is not a multiple of "
+                             f"patch_size {self.patch_size}")
+        for name in ("global_crops_scale", "local_crops_scale", "aspect_ratio_range", "blur_sigma_range"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi:
+                raise ValueError(f"MultiCropConfig.{name} must satisfy 0 < min <= max, got {(lo, hi)}")
+        for name in ("global_crops_scale", "local_crops_scale"):
+            if getattr(self, name)[1] > 1:
+                raise ValueError(f"MultiCropConfig.{name} max must be <= 1, got {getattr(self, name)}")
+        probs = [self.flip_probability, self.color_jitter_probability, self.grayscale_probability,
+                 self.local_blur_probability, *self.global_blur_probability, *self.global_solarize_probability]
+        if any(not 0.0 <= p <= 1.0 for p in probs):
+            raise ValueError(f"MultiCropConfig probabilities must be in [0, 1], got {probs}")
+        if not self.global_blur_probability or not self.global_solarize_probability:
+            raise ValueError("MultiCropConfig.global_blur_probability / global_solarize_probability must not be empty")
+        if min(self.brightness, self.contrast, self.saturation) < 0 or not 0 <= self.hue <= 0.5:
+            raise ValueError(f"MultiCropConfig jitter strengths invalid: brightness={self.brightness}, contrast="
+                             f"{self.contrast}, saturation={self.saturation}, hue={self.hue} (hue in [0, 0.5])")
+        if self.blur_kernel_size < 1 or self.blur_kernel_size % 2 == 0:
+            raise ValueError(f"MultiCropConfig.blur_kernel_size must be odd and >= 1, got {self.blur_kernel_size}")
+        if self.interpolation not in _INTERPOLATION:
+            raise ValueError(f"MultiCropConfig.interpolation {self.interpolation!r} not in {sorted(_INTERPOLATION)}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"MultiCropConfig.mean/std must be 3 values (std > 0), got {self.mean}, {self.std}")
+        return self
+
+    @property
+    def mask_grid(self) -> tuple[int, int]:
+        side = self.global_crops_size // self.patch_size
+        return side, side
+
+    @property
+    def num_patches(self) -> int:
+        h, w = self.mask_grid
+        return h * w
+
+    def min_source_size(self) -> int:
+        """Short side at which even the smallest crop box (min scale, extreme aspect) is not upsampled.
+
+        Used as ``DecodeConfig.draft_size``: decoding JPEGs any smaller would lose detail the crops
+        need, any larger wastes decode time.
+        """
+        worst = 0.0
+        squeeze = math.sqrt(1.0 / max(self.aspect_ratio_range[1], 1.0 / self.aspect_ratio_range[0]))
+        for size, (smin, _) in ((self.global_crops_size, self.global_crops_scale),
+                                (self.local_crops_size, self.local_crops_scale)):
+            worst = max(worst, size / (math.sqrt(smin) * squeeze))
+        return math.ceil(worst)
+
+
+def random_resized_crop_box(
+    rng: np.random.Generator,
+    width: int,
+    height: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    attempts: int = 10,
+) -> tuple[int, int, int, int]:
+    """(left, top, w, h) of a box covering a fraction ``U(scale)`` of the image, aspect log-uniform in ratio.
+
+    torchvision's sampling rule: ten tries, then the largest centred box with a valid aspect.
+    """
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(attempts):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return left, top, w, h
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+@dataclass
+class _Draws:
+    """Every random choice for the crops of one image, one row per crop (globals first)."""
+
+    boxes: list[tuple[int, int, int, int]]
+    flip: np.ndarray  # [n] bool
+    jitter: np.ndarray  # [n] bool: ColorJitter applied at all
+    order: np.ndarray  # [n, 4] the crop's permutation of the four jitter ops
+    factors: np.ndarray  # [n, 4] brightness, contrast, saturation factors and hue shift
+    grayscale: np.ndarray  # [n] bool
+    blur: np.ndarray  # [n] bool
+    sigma: np.ndarray  # [n]
+    solarize: np.ndarray  # [n] bool
+
+
+class MultiCrop:
+    """Callable producing fixed-shape uint8 crops and bool masks from one decoded image.
+
+    Crops of one size form one [n, 3, S*S] float table, so each photometric op is a few vectorised
+    passes per image instead of a PIL round trip per crop and op. Each crop applies the four
+    ColorJitter ops in its own random order; within a table, crops are sorted by the step at which
+    they shift hue, so at every step the hue crops are one contiguous slice, while brightness,
+    contrast and saturation of all other crops are one blend with per-crop factors.
+    """
+
+    def __init__(self, cfg: MultiCropConfig, masking: MaskingConfig | None = None, seed: int = 0):
+        self.cfg = cfg.validate()
+        self.seed = int(seed)
+        self.masks = MaskSampler(masking, cfg.mask_grid, cfg.global_crops_number, seed) if masking else None
+        self._resample = _INTERPOLATION[cfg.interpolation]
+        n_g, n_l = cfg.global_crops_number, cfg.local_crops_number
+        self._names = [f"global_{i}" for i in range(n_g)] + [f"local_{i}" for i in range(n_l)]
+        self._groups = [(np.arange(n_g), cfg.global_crops_size)]
+        if n_l:
+            self._groups.append((np.arange(n_g, n_g + n_l), cfg.local_crops_size))
+        self._scales = [cfg.global_crops_scale] * n_g + [cfg.local_crops_scale] * n_l
+        cycle = np.arange(n_g)
+        self._blur_p = np.concatenate([
+            np.asarray(cfg.global_blur_probability)[cycle % len(cfg.global_blur_probability)],
+            np.full(n_l, cfg.local_blur_probability)])
+        self._solarize_p = np.concatenate([
+            np.asarray(cfg.global_solarize_probability)[cycle % len(cfg.global_solarize_probability)],
+            np.zeros(n_l)])
+
+    def _draw(self, rng: np.random.Generator, width: int, height: int) -> _Draws:
+        cfg = self.cfg
+        n = len(self._names)
+        boxes = [random_resized_crop_box(rng, width, height, scale, cfg.aspect_ratio_range) for scale in self._scales]
+        strengths = np.array([cfg.brightness, cfg.contrast, cfg.saturation])
+        factors = np.empty((n, 4))
+        factors[:, :3] = rng.uniform(1.0 - strengths, 1.0 + strengths, size=(n, 3)).clip(min=0.0)
+        factors[:, 3] = rng.uniform(-cfg.hue, cfg.hue, size=n)
+        return _Draws(
+            boxes=boxes,
+            flip=rng.random(n) < cfg.flip_probability,
+            jitter=rng.random(n) < cfg.color_jitter_probability,
+            order=np.argsort(rng.random((n, 4)), axis=1),
+            factors=factors,
+            grayscale=rng.random(n) < cfg.grayscale_probability,
+            blur=rng.random(n) < self._blur_p,
+            sigma=rng.uniform(*cfg.blur_sigma_range, size=n),
+            solarize=rng.random(n) < self._solarize_p,
+        )
+
+    def _sorted_by_hue_step(self, d: _Draws, crops: np.ndarray) -> np.ndarray:
+        """The crops in table order: by the jitter step of their hue shift, crops without one last."""
+        step = np.argmax(d.order[crops] == color.HUE, axis=1)
+        step[~d.jitter[crops]] = 4
+        return crops[np.argsort(step, kind="stable")]
+
+    def _table(self, img: Image.Image, d: _Draws, crops: np.ndarray, size: int) -> torch.Tensor:
+        """Crop + resize each view with ONE PIL call, flip, and stack as a float [n, 3, size*size] table."""
+        table = torch.empty((len(crops), 3, size * size), dtype=torch.float32)
+        for row, crop in enumerate(crops):
+            left, top, w, h = d.boxes[crop]
+            view = img.resize((size, size), self._resample, box=(left, top, left + w, top + h))
+            if d.flip[crop]:
+                view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            hwc = torch.from_numpy(np.array(view))  # a writable copy: torch refuses read-only buffers
+            table[row].copy_(hwc.reshape(size * size, 3).T)
+        return table
+
+    def _jitter(self, x: torch.Tensor, d: _Draws, crops: np.ndarray) -> torch.Tensor:
+        """Four steps; at each, one blend for the brightness/contrast/saturation crops, then hue."""
+        cfg = self.cfg
+        jitter, factors = d.jitter[crops], d.factors[crops]
+        rows = np.arange(len(crops))
+        for step in range(4):
+            op = d.order[crops, step]
+            blending = jitter & (op != color.HUE)
+            if blending.any():
+                factor = _per_crop(np.where(blending, factors[rows, np.minimum(op, color.SATURATION)], 1.0))
+                base = torch.zeros(())
+                contrast = blending & (op == color.CONTRAST)
+                if contrast.any():
+                    base = base + color.mean_luma(x) * _per_crop(contrast)
+                saturation = blending & (op == color.SATURATION)
+                if saturation.any():
+                    base = base + color.luma(x) * _per_crop(saturation)
+                x.mul_(factor).add_((1.0 - factor) * base).clamp_(0.0, 255.0)
+            hue_rows = np.flatnonzero(jitter & (op == color.HUE))
+            if hue_rows.size and cfg.hue > 0:
+                lo, hi = hue_rows[0], hue_rows[-1] + 1  # contiguous by construction of the table order
+                x[lo:hi] = color.adjust_hue(x[lo:hi], _per_crop(factors[lo:hi, color.HUE]))
+        return x
+
+    def _per_crop_extras(self, x: torch.Tensor, d: _Draws, crops: np.ndarray, size: int) -> torch.Tensor:
+        """Grayscale, blur, solarize on the few crops that drew them."""
+        cfg = self.cfg
+        for row, crop in enumerate(crops):
+            image = x[row].view(3, size, size)
+            if d.grayscale[crop]:
+                x[row] = color.to_grayscale(x[row])
+            if d.blur[crop]:
+                image.copy_(color.gaussian_blur(image, float(d.sigma[crop]), cfg.blur_kernel_size))
+            if d.solarize[crop]:
+                x[row] = color.solarize(x[row], cfg.solarize_threshold)
+        return x
+
+    def __call__(self, image: np.ndarray, sample_index: int, epoch: int = 0) -> dict[str, np.ndarray]:
+        """Views of one image: ``global_i`` uint8 [3,G,G], ``local_i`` uint8 [3,L,L], ``mask_i`` bool [N]."""
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"MultiCrop expects a uint8 [H, W, 3] image, got {image.dtype} {image.shape}")
+        img = Image.fromarray(np.ascontiguousarray(image))
+        d = self._draw(np.random.default_rng([self.seed, int(epoch), int(sample_index), 2]), img.width, img.height)
+        views: dict[str, np.ndarray] = {}
+        for group, size in self._groups:
+            crops = self._sorted_by_hue_step(d, group)
+            x = self._per_crop_extras(self._jitter(self._table(img, d, crops, size), d, crops), d, crops, size)
+            pixels = torch.empty((len(crops), 3, size, size), dtype=torch.uint8)
+            pixels.copy_(x.round_().view(len(crops), 3, size, size))
+            for row, crop in enumerate(crops):
+                views[self._names[crop]] = pixels[row].numpy()
+        out = {name: views[name] for name in self._names}
+        for i in range(self.cfg.global_crops_number):
+            out[f"mask_{i}"] = (self.masks(epoch, sample_index, i) if self.masks is not None
+                                else np.zeros(self.cfg.num_patches, dtype=bool))
+        return out
+
+
+def _per_crop(values: np.ndarray) -> torch.Tensor:
+    """Per-crop values as a [n, 1, 1] float32 tensor broadcasting over [n, 3, N] tables."""
+    return torch.from_numpy(np.asarray(values, dtype=np.float32)).reshape(-1, 1, 1)
+
+
+def normalize_batch(batch: dict[str, torch.Tensor], cfg: MultiCropConfig) -> dict[str, torch.Tensor]:
+    """Stack per-crop uint8 columns crop-major and normalise, on whatever device the batch is on.
+
+    Row ``c * B + b`` of ``global_crops`` / ``masks`` is crop ``c`` of image ``b`` (DINOv2's layout:
+    the teacher's two global views of an image are ``B`` rows apart). Returns ``global_crops``
+    float32 [n_g*B, 3, G, G], ``local_crops`` float32 [n_l*B, 3, L, L] (None without local crops),
+    ``masks`` bool [n_g*B, N].
+    """
+    globals_ = torch.cat([batch[f"global_{i}"] for i in range(cfg.global_crops_number)])
+    device = globals_.device
+    shift = torch.tensor(cfg.mean, dtype=torch.float32, device=device).reshape(1, 3, 1, 1) * 255.0
+    scale = torch.tensor(cfg.std, dtype=torch.float32, device=device).reshape(1, 3, 1, 1) * 255.0
+
+    def norm(x: torch.Tensor) -> torch.Tensor:
+        return x.to(torch.float32).sub_(shift).div_(scale)
+
+    out = {"global_crops": norm(globals_), "local_crops": None,
+           "masks": torch.cat([batch[f"mask_{i}"] for i in range(cfg.global_crops_number)]).to(torch.bool)}
+    if cfg.local_crops_number:
+        out["local_crops"] = norm(torch.cat([batch[f"local_{i}"] for i in range(cfg.local_crops_number)]))
+    return out

@@ -1,0 +1,39 @@
+"""The stage registry: the one place that names the stages, their code and what each reads.
+
+Stage code is imported only when the stage runs, so validating a job or skipping finished stages
+never pays for torch, DeepSpeed or faiss imports.
+"""
+
+from __future__ import annotations
+
+from dino_ray.pipeline import StageSpec
+
+
+def _curate_needs(job) -> list[str]:
+    return []
+
+
+def _pretrain_needs(job) -> list[str]:
+    return [] if job.pretrain.data.source.uri else ["curate"]
+
+
+def _highres_needs(job) -> list[str]:
+    return ["pretrain"] if job.highres.data.source.uri else ["curate", "pretrain"]
+
+
+def _distill_needs(job) -> list[str]:
+    needs = [job.distill.teacher] if job.distill.teacher in ("highres", "pretrain") else []
+    return needs if job.distill.data.source.uri else ["curate", *needs]
+
+
+def _eval_needs(job) -> list[str]:
+    return [b for b in job.eval.backbones if b in ("pretrain", "highres", "distill")]
+
+
+REGISTRY: dict[str, StageSpec] = {
+    "curate": StageSpec("curate", "dino_ray.stages.curate:run", _curate_needs),
+    "pretrain": StageSpec("pretrain", "dino_ray.stages.pretrain:run", _pretrain_needs),
+    "highres": StageSpec("highres", "dino_ray.stages.highres:run", _highres_needs),
+    "distill": StageSpec("distill", "dino_ray.stages.distill:run", _distill_needs),
+    "eval": StageSpec("eval", "dino_ray.stages.eval:run", _eval_needs),
+}

@@ -1,0 +1,177 @@
+"""Curate stage: embed a raw pool with a frozen backbone, then dedup / decontaminate / cluster / sample.
+
+The embedder is a backbone checkpoint in our layout (``curate.embed.checkpoint``). A pool from a
+domain no public model knows can bootstrap its own: with no checkpoint and
+``curate.embed.bootstrap_iterations > 0`` the stage first trains a small SSL backbone on the raw
+pool with the pretrain machinery and embeds with that.
+
+Output: ``manifest.parquet`` (uri, id, source, label, cluster ids at every level, why kept) that the
+training stages read directly, the embeddings (parquet shards, reused on a re-run), a cluster-size
+histogram, and the summary figures in the stage manifest and MLflow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from dino_ray import feature_store, storage, tracking
+from dino_ray.pipeline import StageContext, StageResult
+from dino_ray.stages.inference import BackboneRef, InferenceSpec, run_inference
+
+log = logging.getLogger("dino_ray.curate")
+MANIFEST = "manifest.parquet"
+
+
+def _rows(source: Any) -> list[dict]:
+    from dino_ray.data.sources import list_images
+
+    return [{"id": r.id, "uri": r.uri, "label": r.label} for r in list_images(source)]
+
+
+def _embed(name: str, source: Any, embedder: BackboneRef, job: Any, ctx: StageContext):
+    cfg = job.curate.embed
+    spec = InferenceSpec(backbone=embedder, image_size=cfg.image_size, mode="embed", decode=job.curate.decode)
+    rows = _rows(source)
+    if not rows:
+        raise ValueError(f"curate: no images found for {name} at {source.uri}")
+    shards, computed = run_inference(rows, spec, ctx.path("embeddings", name), num_actors=cfg.num_actors,
+                                     cpus_per_actor=cfg.cpus_per_actor, gpus_per_actor=cfg.gpus_per_actor,
+                                     batch_size=cfg.batch_size, shard_size=cfg.shard_size)
+    meta, feats = feature_store.read_features(shards)
+    return meta, feats["embedding"], computed
+
+
+def _bootstrap_embedder(job: Any, ctx: StageContext) -> str:
+    """Train a small SSL backbone on the raw pool (same loop as pretrain) and return its export dir."""
+    from dino_ray.stages.train_loop import LoopSpec, StudentSpec
+    from dino_ray.stages.training import index_for, run_training
+
+    cfg = job.curate.embed
+    pre = job.pretrain
+    data = dataclasses.replace(pre.data, source=job.curate.pool)
+    schedule = dataclasses.replace(pre.schedule, total_iters=cfg.bootstrap_iterations,
+                                   warmup_iters=min(pre.schedule.warmup_iters, cfg.bootstrap_iterations // 5),
+                                   warmup_teacher_temp_iters=min(pre.schedule.warmup_teacher_temp_iters,
+                                                                 cfg.bootstrap_iterations // 2),
+                                   freeze_last_layer_iters=min(pre.schedule.freeze_last_layer_iters,
+                                                               cfg.bootstrap_iterations // 10))
+    out = ctx.path("bootstrap", "teacher")
+    if storage.exists(storage.join(out, "backbone.json")):
+        return out
+    index_uri, n = index_for("curate", data, ctx, None)
+    spec = LoopSpec(stage="curate_bootstrap", students=[StudentSpec("teacher", cfg.model)], loss=pre.loss,
+                    schedule=schedule, train=pre.train, data=data, index_uri=index_uri, n_images=n, seed=job.seed,
+                    output_dir=out, tracking_uri=ctx.tracking_uri, run_id=ctx.run_id)
+    run_training(spec, ctx)
+    return out
+
+
+def _histogram_png(before: list[int], after: list[int]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.2), dpi=100)
+    order = np.argsort(before)[::-1]
+    x = np.arange(len(before))
+    ax.bar(x, np.asarray(before)[order], color="#bbbbbb", label="before balancing")
+    if after:
+        ax.bar(x, np.asarray(after)[order], color="#2a6fbb", label="after balancing")
+    ax.set_xlabel("top-level cluster (sorted by size)")
+    ax.set_ylabel("images")
+    ax.set_title("cluster sizes")
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _write_manifest(uri: str, meta: dict, result: Any, keep_rows: np.ndarray) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cols = {
+        "uri": pa.array([str(meta["uri"][i]) for i in keep_rows]),
+        "id": pa.array([str(meta["id"][i]) for i in keep_rows]),
+        "label": pa.array([int(meta["label"][i]) for i in keep_rows], pa.int64()),
+        "source": pa.array(["pool"] * len(keep_rows)),
+        "reason": pa.array([str(r) for r in result.reason]),
+    }
+    for level in range(result.cluster_ids.shape[1]):
+        cols[f"cluster_l{level}"] = pa.array(result.cluster_ids[result.keep, level], pa.int64())
+    buf = io.BytesIO()
+    pq.write_table(pa.table(cols), buf)
+    storage.write_bytes(uri, buf.getvalue())
+
+
+def run(job: Any, ctx: StageContext) -> StageResult:
+    from dino_ray.curation.plan import curate_arrays
+
+    ctx.ensure_ray()
+    cfg = job.curate
+    checkpoint = cfg.embed.checkpoint or _bootstrap_embedder(job, ctx)
+    embedder = BackboneRef(uri=checkpoint)
+
+    meta, pool, computed = _embed("pool", cfg.pool, embedder, job, ctx)
+    reasons = Counter(r for r in meta["skip_reason"] if r)
+    ok = np.array([not r for r in meta["skip_reason"]], dtype=bool)
+    rows = np.flatnonzero(ok)
+    eval_sets = {}
+    for i, src in enumerate(cfg.eval_sets):
+        emeta, emb, _ = _embed(f"eval_{i}", src, embedder, job, ctx)
+        eval_sets[f"eval_{i}"] = emb[[not r for r in emeta["skip_reason"]]]
+    seed_set = None
+    if cfg.seed_set is not None:
+        smeta, emb, _ = _embed("seed", cfg.seed_set, embedder, job, ctx)
+        seed_set = emb[[not r for r in smeta["skip_reason"]]]
+
+    result = curate_arrays(pool[rows], cfg.curation, eval_sets or None, seed_set, seed=job.seed)
+    keep_rows = rows[result.keep]
+    manifest_uri = ctx.path(MANIFEST)
+    _write_manifest(manifest_uri, meta, result, keep_rows)
+
+    s = result.summary
+    before = list(s.get("cluster_sizes_before", []))
+    after = list(s.get("cluster_sizes_after", []))
+    summary = {
+        "pool_files": int(len(meta["uri"])), "pool_decoded": int(ok.sum()),
+        "pool_skipped": int((~ok).sum()), "skipped_by_reason": dict(reasons),
+        "bad_samples": {r: [str(u) for u, why in zip(meta["uri"], meta["skip_reason"]) if why == r][:20]
+                        for r in reasons},
+        "embedded_this_run": computed, "embedder": checkpoint,
+        "duplicates_removed": s.get("n_duplicates_removed", 0), "decontaminated": s.get("n_decontaminated", 0),
+        "kept": int(len(keep_rows)), "index": s.get("index_kind"), "index_recall": s.get("recall"),
+        "cluster_sizes_before": before, "cluster_sizes_after": after,
+        "kept_by_reason": s.get("n_kept_by_reason", {}), "timings_s": s.get("timings_s", {}),
+    }
+    if before:
+        png = _histogram_png(before, after)
+        storage.write_bytes(ctx.path("cluster_sizes.png"), png)
+        _log_png(ctx, png, "cluster_sizes.png")
+    tracking.log_text(ctx.tracking_uri, ctx.run_id, "\n".join(
+        f"{r}\t{u}" for r, us in summary["bad_samples"].items() for u in us) or "none", "skipped_images.tsv")
+    log.info("curate: %d files, %d decoded, %d skipped %s, %d duplicates, %d decontaminated, %d kept",
+             summary["pool_files"], summary["pool_decoded"], summary["pool_skipped"], dict(reasons),
+             summary["duplicates_removed"], summary["decontaminated"], summary["kept"])
+    return StageResult(outputs={"manifest": manifest_uri, "embeddings": ctx.path("embeddings"),
+                                "embedder": checkpoint}, summary=summary)
+
+
+def _log_png(ctx: StageContext, png: bytes, name: str) -> None:
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, name)
+        with open(path, "wb") as f:
+            f.write(png)
+        tracking.log_artifact_file(ctx.tracking_uri, ctx.run_id, path)

@@ -1,0 +1,19 @@
+"""Pretrain stage: DINOv2 self-supervised training of a ViT from scratch on the curated images."""
+
+from __future__ import annotations
+
+from dino_ray.pipeline import StageContext, StageResult
+from dino_ray.stages.train_loop import LoopSpec, StudentSpec
+from dino_ray.stages.training import index_for, run_training
+
+
+def run(job, ctx: StageContext) -> StageResult:
+    cfg = job.pretrain
+    index_uri, n_images = index_for("pretrain", cfg.data, ctx, None if cfg.data.source.uri else "curate")
+    out = ctx.path("teacher")
+    spec = LoopSpec(stage="pretrain", students=[StudentSpec("teacher", cfg.model)], loss=cfg.loss,
+                    schedule=cfg.schedule, train=cfg.train, data=cfg.data, index_uri=index_uri, n_images=n_images,
+                    seed=job.seed, output_dir=out, tracking_uri=ctx.tracking_uri, run_id=ctx.run_id)
+    value = run_training(spec, ctx)
+    return StageResult(outputs={"backbone": out, "train_state": ctx.path("ray_train")},
+                       summary={"images": n_images, "steps": value["final_step"]})

@@ -1,0 +1,132 @@
+"""The training input: a deterministic, resumable stream of multi-crop batches for one rank.
+
+The whole run is one global sequence of sample positions: position ``p`` is image
+``perm(epoch)[p % N]`` with ``epoch = p // N`` and a permutation seeded by ``(seed, epoch)``. Step
+``t`` of a run with global batch ``G = B * world`` covers positions ``[t*G, (t+1)*G)``, and rank ``r``
+takes the ``B`` positions starting at ``t*G + r*B``. Crops and masks are seeded by
+``(seed, epoch, image)``. So a run resumed at step ``t`` (after a worker was killed, or with a new
+job) sees exactly the crops it would have seen, and no image is decoded for steps already done.
+
+Each rank builds its own Ray Data pipeline over its positions (``range`` -> an actor pool that reads,
+decodes and crops) and iterates it with ``iter_torch_batches``; preprocessing runs in Ray Data
+actors with fractional CPUs, so it shares a small cluster with the trainers and scales out to CPU
+nodes on a real one. Images that fail to decode during training (the curate stage normally removed
+them) are replaced by the next image of the permutation and counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from typing import Any, Iterator
+
+import numpy as np
+
+INDEX_FILE = "index.parquet"
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamSpec:
+    index_uri: str  # parquet with a `uri` column: the images to train on, in a fixed order
+    n_images: int
+    seed: int
+    batch_size: int  # per rank
+    world_size: int
+    rank: int
+    start_step: int
+    total_steps: int
+
+    def position(self, j: np.ndarray) -> np.ndarray:
+        """Global stream position of this rank's j-th row (row 0 = first row of ``start_step``)."""
+        step = self.start_step + j // self.batch_size
+        return step * self.batch_size * self.world_size + self.rank * self.batch_size + j % self.batch_size
+
+    @property
+    def n_rows(self) -> int:
+        return max(0, self.total_steps - self.start_step) * self.batch_size
+
+
+class CropMaker:
+    """Ray Data callable: stream positions -> fixed-shape crop and mask columns."""
+
+    def __init__(self, spec: StreamSpec, data_cfg: Any):
+        import pyarrow.parquet as pq
+
+        from dino_ray import storage
+        from dino_ray.data.multicrop import MultiCrop
+
+        fs, path = storage.filesystem(spec.index_uri)
+        self.uris = pq.read_table(path, filesystem=fs, columns=["uri"]).column("uri").to_pylist()
+        self.spec = spec
+        self.decode_cfg = data_cfg.decode
+        self.multicrop = MultiCrop(data_cfg.crops, data_cfg.masking, seed=spec.seed)
+        self._perms: dict[int, np.ndarray] = {}
+        self.skipped = 0
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            if len(self._perms) > 2:
+                self._perms.pop(min(self._perms))
+            self._perms[epoch] = np.random.default_rng([self.spec.seed, epoch]).permutation(self.spec.n_images)
+        return self._perms[epoch]
+
+    def _image(self, epoch: int, offset: int) -> tuple[int, np.ndarray]:
+        from dino_ray import storage
+        from dino_ray.data.decode import DecodeError, decode_image
+
+        perm = self._perm(epoch)
+        for attempt in range(min(16, self.spec.n_images)):
+            index = int(perm[(offset + attempt) % self.spec.n_images])
+            try:
+                data = storage.read_bytes(self.uris[index])
+                return index, decode_image(data, draft_size=self.decode_cfg.draft_size or self.multicrop.draft_size,
+                                           max_pixels=self.decode_cfg.max_pixels)
+            except (DecodeError, OSError):
+                self.skipped += 1
+        raise RuntimeError(f"16 consecutive images failed to decode around position {offset} of epoch {epoch}; "
+                           f"check the training index {self.spec.index_uri}")
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        positions = self.spec.position(batch["id"].astype(np.int64))
+        columns: dict[str, list[np.ndarray]] = defaultdict(list)
+        for pos in positions:
+            epoch, offset = divmod(int(pos), self.spec.n_images)
+            index, image = self._image(epoch, offset)
+            for name, value in self.multicrop(image, sample_index=index, epoch=epoch).items():
+                columns[name].append(value)
+            columns["sample_index"].append(np.int64(index))
+            columns["epoch"].append(np.int64(epoch))
+        return {k: np.stack(v) for k, v in columns.items()}
+
+
+def ssl_batches(spec: StreamSpec, data_cfg: Any, *, num_actors: int = 1, cpus_per_actor: float = 0.25,
+                prefetch_batches: int = 2) -> Iterator[dict[str, Any]]:
+    """Yield this rank's batches (dicts of CPU tensors) for steps ``start_step..total_steps-1``, in order."""
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    if spec.n_rows == 0:
+        return
+    ctx = DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # batch t must hold step t's positions
+    n_blocks = max(1, min(spec.n_rows // spec.batch_size, 4096))
+    ds = ray.data.range(spec.n_rows, override_num_blocks=n_blocks).map_batches(
+        CropMaker, fn_constructor_kwargs={"spec": spec, "data_cfg": data_cfg}, batch_size=spec.batch_size,
+        compute=ActorPoolStrategy(min_size=1, max_size=num_actors), num_cpus=cpus_per_actor)
+    yield from ds.iter_torch_batches(batch_size=spec.batch_size, drop_last=True, prefetch_batches=prefetch_batches)
+
+
+def write_index(uris: list[str], index_uri: str, ids: list[str] | None = None) -> int:
+    """Write the training index (the image order every rank agrees on)."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dino_ray import storage
+
+    table = pa.table({"uri": uris, "id": ids if ids is not None else uris})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    storage.write_bytes(index_uri, buf.getvalue())
+    return len(uris)

@@ -1,0 +1,419 @@
+"""The Ray Train loop shared by pretrain, high-res and distill: DeepSpeed engines, EMA, checkpoints.
+
+One function, ``train_loop``, runs on every Ray Train worker. It trains one or more students:
+
+* pretrain / high-res: one student; its EMA is the teacher that produces the targets (DINOv2).
+* distill: several students taught by one frozen teacher from a single teacher forward per batch;
+  the EMA of each student is what gets exported (paper, section 5).
+
+**Teacher and EMA under ZeRO-3.** Every EMA model is a DeepSpeed engine *without an optimizer*, built
+from a module with the same parameter shapes as its student and the same ZeRO config, so DeepSpeed
+partitions both identically: rank r owns the same slice of every parameter in both. The EMA update
+then touches only local slices (``ds_tensor`` of the EMA, the fp32 master slice of the student):
+no communication and no gather of the full model per step. Parameters are gathered only for
+forwards (as for the student) and once per export. With ZeRO stage < 3 parameters are replicated and
+the same update runs on full tensors.
+
+**Metrics.** Rank 0 buffers per-step metrics and writes them to MLflow only after the checkpoint that
+covers those steps is committed. After a crash the uncommitted steps are redone and logged once, so
+the step axis in MLflow never repeats or skips.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import os
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+log = logging.getLogger("dino_ray.train")
+
+
+@dataclasses.dataclass
+class StudentSpec:
+    name: str
+    model: Any  # dino_ray.config.schema.ModelConfig
+
+
+@dataclasses.dataclass
+class LoopSpec:
+    """Everything a worker needs; plain dataclasses so Ray pickles it by value."""
+
+    stage: str
+    students: list[StudentSpec]
+    loss: Any  # LossConfig
+    schedule: Any  # ScheduleConfig
+    train: Any  # TrainConfig
+    data: Any  # SSLDataConfig
+    index_uri: str
+    n_images: int
+    seed: int
+    output_dir: str  # exported models go here (rank 0)
+    tracking_uri: str
+    run_id: str
+    init_from: str | None = None  # an SSL checkpoint dir (ssl_model.pth) to start the student from
+    teacher_from: str | None = None  # distill: frozen teacher SSL checkpoint dir
+    masking: bool = True  # distill students train without masking (paper, section 5)
+
+
+SSL_WEIGHTS = "ssl_model.pth"  # backbone + heads of the teacher, for high-res and distillation
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        from ray.train import get_context
+
+        return torch.device("cuda", get_context().get_local_rank())
+    return torch.device("cpu")
+
+
+def _ds_config(spec: LoopSpec, world: int, bf16: bool, with_optimizer: bool) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": spec.train.batch_size_per_worker,
+        "train_batch_size": spec.train.batch_size_per_worker * world,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": spec.train.zero_stage},
+        "bf16": {"enabled": bf16 and with_optimizer},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    if with_optimizer:
+        cfg["gradient_clipping"] = spec.schedule.clip_grad
+    return cfg
+
+
+def _disable_jit_ops() -> None:
+    """DeepSpeed's CPU comm op needs a C++ toolchain at run time; gloo collectives do not need it."""
+    import importlib
+
+    ops = importlib.import_module("deepspeed.ops")
+    compat = getattr(ops, "__compatible_ops__", None)
+    if isinstance(compat, dict):
+        compat["deepspeed_shm_comm"] = False
+
+
+def _build_ssl_model(model_cfg: Any, loss_cfg: Any, drop_path: bool) -> torch.nn.Module:
+    from dino_ray.models import build_backbone
+    from dino_ray.train.ssl_arch import SSLModel
+
+    kwargs = model_cfg.backbone_kwargs()
+    if not drop_path:
+        kwargs["drop_path_rate"] = 0.0
+    return SSLModel.build(build_backbone(model_cfg.arch, **kwargs), loss_cfg)
+
+
+def _load_ssl_state(model: torch.nn.Module, ckpt_dir: str) -> None:
+    """Load backbone + heads saved by a previous stage, resizing the position embedding if needed."""
+    import io
+
+    from dino_ray import storage
+    from dino_ray.models import interpolate_pos_embed_state_dict
+
+    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(ckpt_dir, SSL_WEIGHTS))), map_location="cpu",
+                       weights_only=True)
+    bb = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    cfg = model.backbone.config
+    if bb["pos_embed"].shape != model.backbone.pos_embed.shape:
+        bb = interpolate_pos_embed_state_dict(bb, cfg.img_size, cfg.patch_size)
+    state.update({f"backbone.{k}": v for k, v in bb.items()})
+    model.load_state_dict(state, strict=True)
+
+
+class _Member:
+    """A student engine and its EMA engine (the EMA is the teacher in pretrain, the output in distill)."""
+
+    def __init__(self, name: str, engine: Any, ema: Any, zero3: bool, bf16: bool):
+        self.name, self.engine, self.ema, self.zero3 = name, engine, ema, zero3
+        self.pairs = list(zip(ema.module.parameters(), engine.module.parameters()))
+        self.bf16 = bf16
+
+    @torch.no_grad()
+    def ema_update(self, momentum: float) -> None:
+        from dino_ray.train.ema import ema_update_
+
+        if self.zero3:
+            from deepspeed.utils import safe_get_local_fp32_param
+
+            teacher, student = [], []
+            for t, s in self.pairs:
+                src = safe_get_local_fp32_param(s) if self.bf16 else None
+                src = s.ds_tensor if src is None else src
+                n = min(t.ds_tensor.numel(), src.numel())
+                teacher.append(t.ds_tensor.view(-1)[:n])
+                student.append(src.reshape(-1)[:n])
+            ema_update_(teacher, student, momentum)
+        else:
+            ema_update_([t for t, _ in self.pairs], [s for _, s in self.pairs], momentum)
+
+    def full_state(self, module: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+        """The full state dict of an (EMA) module on rank 0; a collective under ZeRO-3."""
+        from ray.train import get_context
+
+        if self.zero3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                state = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()} \
+                    if get_context().get_world_rank() == 0 else None
+            return state
+        return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()} \
+            if get_context().get_world_rank() == 0 else None
+
+    def ema_shards(self) -> dict[int, torch.Tensor]:
+        params = [t for t, _ in self.pairs]
+        if self.zero3:
+            return {i: p.ds_tensor.detach().cpu().clone() for i, p in enumerate(params)}
+        return {i: p.detach().cpu().clone() for i, p in enumerate(params)}
+
+    def load_ema_shards(self, shards: dict[int, torch.Tensor]) -> None:
+        params = [t for t, _ in self.pairs]
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                (p.ds_tensor if self.zero3 else p).copy_(shards[i])
+
+
+class _MetricBuffer:
+    """Per-step metrics held until the checkpoint covering them is committed (see module docstring)."""
+
+    def __init__(self, tracking_uri: str, run_id: str, enabled: bool):
+        self.uri, self.run_id, self.enabled = tracking_uri, run_id, enabled
+        self.rows: list[tuple[int, dict[str, float]]] = []
+
+    def add(self, step: int, metrics: dict[str, float]) -> None:
+        if self.enabled:
+            self.rows.append((step, metrics))
+
+    def flush(self) -> None:
+        if not self.enabled or not self.rows:
+            return
+        import mlflow
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step) for step, m in self.rows for k, v in m.items()]
+        client = mlflow.MlflowClient(self.uri)
+        for i in range(0, len(items), 900):
+            client.log_batch(self.run_id, metrics=items[i:i + 900])
+        self.rows.clear()
+
+
+def train_loop(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train worker entry point (``TorchTrainer(train_loop, train_loop_config={"spec": spec})``)."""
+    import deepspeed
+    import ray.train
+    from ray.train import Checkpoint, get_context
+
+    from dino_ray.data.multicrop import normalize_batch
+    from dino_ray.stages.ssl_stream import StreamSpec, ssl_batches
+    from dino_ray.train.param_groups import apply_schedules, build_param_groups
+    from dino_ray.train.schedules import TrainSchedules
+    from dino_ray.train.ssl_arch import SSLObjective
+
+    spec: LoopSpec = config["spec"]
+    ctx = get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = _device()
+    bf16 = device.type == "cuda" and spec.train.precision in ("auto", "bf16")
+    if spec.train.threads_per_worker:
+        torch.set_num_threads(spec.train.threads_per_worker)
+    _disable_jit_ops()
+    zero3 = spec.train.zero_stage == 3
+    distill = spec.teacher_from is not None
+
+    members: list[_Member] = []
+    for st in spec.students:
+        torch.manual_seed(spec.seed)  # identical init on every rank and for every world size
+        student = _build_ssl_model(st.model, spec.loss, drop_path=not distill)
+        if spec.init_from:
+            _load_ssl_state(student, spec.init_from)
+        ema = copy.deepcopy(student)
+        for p in ema.parameters():
+            p.requires_grad_(False)
+        groups = build_param_groups(student, spec.schedule.layerwise_decay, spec.schedule.patch_embed_lr_mult,
+                                    spec.schedule.weight_decay)
+        optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999))
+        engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer,
+                                               config=_ds_config(spec, world, bf16, with_optimizer=True))
+        ema_engine = _inference_engine(ema, spec, world, device)
+        ema_engine.module.eval()
+        members.append(_Member(st.name, engine, ema_engine, zero3, bf16))
+
+    if distill:
+        teacher_module = _teacher_module(spec.teacher_from, spec.loss)
+        for p in teacher_module.parameters():
+            p.requires_grad_(False)
+        teacher = _inference_engine(teacher_module, spec, world, device)
+        teacher.module.eval()
+    else:
+        teacher = members[0].ema
+
+    objectives = [SSLObjective(spec.loss).to(device) for _ in members]
+    global_batch = spec.train.batch_size_per_worker * world
+    schedules = TrainSchedules.from_config(spec.schedule, global_batch)
+    total = spec.schedule.total_iters
+
+    start_step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            start_step = _restore(d, members, objectives, rank)
+        log.info("rank %d resumed at step %d", rank, start_step)
+
+    stream = StreamSpec(index_uri=spec.index_uri, n_images=spec.n_images, seed=spec.seed,
+                        batch_size=spec.train.batch_size_per_worker, world_size=world, rank=rank,
+                        start_step=start_step, total_steps=total)
+    buffer = _MetricBuffer(spec.tracking_uri, spec.run_id, enabled=rank == 0)
+    n_global, n_local = spec.data.crops.global_crops_number, spec.data.crops.local_crops_number
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else _null()
+    step = start_step
+    t_last, imgs_since = time.time(), 0
+    for batch in ssl_batches(stream, spec.data, num_actors=spec.train.data_workers,
+                             cpus_per_actor=spec.train.data_cpus):
+        if step >= total:
+            break
+        crops = normalize_batch({k: v.to(device, non_blocking=True) for k, v in batch.items()}, spec.data.crops)
+        masks = crops["masks"] if spec.masking else torch.ones_like(crops["masks"])
+        apply_masks = spec.masking
+        values = schedules.values(step)
+        with torch.no_grad(), autocast:
+            t_out = teacher(crops["global_crops"], None, masks, apply_masks=False)
+        metrics: dict[str, float] = dict(values)
+        for m, objective in zip(members, objectives):
+            targets = objective.teacher_targets(t_out, values["teacher_temp"], n_global)
+            apply_schedules(m.engine.optimizer, values["lr"], values["wd"], values["last_layer_lr"])
+            with autocast:
+                s_out = m.engine(crops["global_crops"], crops["local_crops"] if n_local else None, masks,
+                                 apply_masks=apply_masks)
+            loss, terms = objective(s_out, targets, masks, n_global, n_local)
+            if not _all_finite(loss):
+                buffer.flush()  # steps before this one are real; the bad one is not logged
+                return {"final_step": step, "error": (
+                    f"non-finite loss at step {step} (student {m.name}); training stopped and the last good "
+                    f"checkpoint is kept. Lower schedule.base_lr or raise schedule.warmup_iters.")}
+            m.engine.backward(loss)
+            m.engine.step()
+            m.ema_update(values["mom"])
+            prefix = "" if len(members) == 1 else f"{m.name}/"
+            metrics.update({prefix + k: v for k, v in terms.items()})
+        step += 1
+        imgs_since += global_batch
+        if step % spec.train.log_every == 0 or step == total:
+            now = time.time()
+            metrics["images_per_s"] = imgs_since / max(now - t_last, 1e-9)
+            if device.type == "cuda":
+                metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+            t_last, imgs_since = now, 0
+            buffer.add(step, metrics)
+        if step % spec.train.checkpoint_every == 0 or step == total:
+            _save_and_report(step, members, objectives, rank, {"step": step, **metrics})
+            buffer.flush()
+    if step < total:
+        raise RuntimeError(f"the input stream ended at step {step} of {total}")
+
+    _export(spec, members, rank)
+    return {"final_step": step}
+
+
+def _teacher_module(teacher_dir: str, loss_cfg: Any) -> torch.nn.Module:
+    """The frozen SSL teacher (backbone + heads) exported by an earlier stage."""
+    from dino_ray import backbone_io
+    from dino_ray.models import DinoVisionTransformer, ViTConfig
+    from dino_ray.train.ssl_arch import SSLModel
+
+    vit = {**backbone_io.read_meta(teacher_dir)["vit"], "drop_path_rate": 0.0}
+    model = SSLModel.build(DinoVisionTransformer(ViTConfig(**vit)), loss_cfg)
+    _load_ssl_state(model, teacher_dir)
+    return model
+
+
+def _inference_engine(module: torch.nn.Module, spec: LoopSpec, world: int, device: torch.device):
+    """A DeepSpeed engine without optimizer, partitioned like the students under ZeRO-3."""
+    import deepspeed
+
+    if spec.train.zero_stage == 3:
+        engine, _, _, _ = deepspeed.initialize(model=module, config=_ds_config(spec, world, False, False))
+        return engine
+    return _Plain(module.to(device))
+
+
+class _Plain:
+    """Stage < 3: the EMA/teacher is an ordinary replicated module."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _all_finite(loss: torch.Tensor) -> bool:
+    """Agreed on by every rank, so all of them stop at the same step."""
+    bad = torch.tensor([0.0 if bool(torch.isfinite(loss).all()) else 1.0], device=loss.device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(bad)
+    return bad.item() == 0
+
+
+def _save_and_report(step: int, members: list[_Member], objectives: list, rank: int, metrics: dict) -> None:
+    import ray.train
+    import torch.distributed as dist
+    from ray.train import Checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="dino_ray_ckpt_") as tmp:
+        for m, objective in zip(members, objectives):
+            m.engine.save_checkpoint(os.path.join(tmp, m.name, "ds"), tag="state",
+                                     client_state={"step": step, "objective": objective.state_dict()})
+            torch.save(m.ema_shards(), os.path.join(tmp, m.name, f"ema_rank{rank:05d}.pt"))
+        if dist.is_initialized():
+            dist.barrier()
+        ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                         checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=f"step_{step:09d}")
+
+
+def _restore(ckpt_dir: str, members: list[_Member], objectives: list, rank: int) -> int:
+    step = 0
+    for m, objective in zip(members, objectives):
+        _, client = m.engine.load_checkpoint(os.path.join(ckpt_dir, m.name, "ds"), tag="state")
+        step = int(client["step"])
+        objective.load_state_dict(client["objective"])
+        shard_file = os.path.join(ckpt_dir, m.name, f"ema_rank{rank:05d}.pt")
+        if not os.path.exists(shard_file):
+            raise RuntimeError(f"{shard_file} missing: resuming needs the same number of workers as the run that "
+                               f"wrote the checkpoint")
+        m.load_ema_shards(torch.load(shard_file, map_location="cpu", weights_only=True))
+    return step
+
+
+def _export(spec: LoopSpec, members: list[_Member], rank: int) -> None:
+    """Consolidated, world-size-independent outputs: the EMA backbone (+ heads) of every student."""
+    import io
+
+    from dino_ray import backbone_io, storage
+
+    for m in members:
+        state = m.full_state(m.ema.module)
+        if rank != 0:
+            continue
+        out = spec.output_dir if len(members) == 1 else storage.join(spec.output_dir, m.name)
+        backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+        vit = dataclasses.asdict(m.ema.module.backbone.config)
+        backbone_io.save_state_dict(backbone, vit, out, extra={"stage": spec.stage, "student": m.name,
+                                                               "steps": spec.schedule.total_iters})
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        storage.write_bytes(storage.join(out, SSL_WEIGHTS), buf.getvalue())

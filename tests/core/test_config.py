@@ -1,0 +1,123 @@
+"""Job config loading: base inheritance, overrides, typed validation with clear, early errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dino_ray.config.loader import apply_overrides, config_hash, load_job, parse_override
+from dino_ray.config.typed import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+JOBS = REPO / "jobs"
+
+
+@pytest.fixture
+def demo_inputs(tmp_path, monkeypatch):
+    """The demo preset names relative input folders: create empty ones in a scratch working dir."""
+    for d in ("outputs/demo-data/pool", "outputs/demo-data/eval/test", "outputs/demo-data/eval/train"):
+        (tmp_path / d).mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def write(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_defaults_follow_the_vitg14_recipe(demo_inputs):
+    job = load_job(write(demo_inputs, "j.yaml", "stages: [pretrain]\npretrain: {data: {source: {uri: outputs/demo-data/pool}}}\n"))
+    assert job.pretrain.model.arch == "vit_giant2"
+    assert job.pretrain.model.patch_size == 14
+    assert job.pretrain.loss.dino_out_dim == 131072
+    assert job.pretrain.schedule.total_iters == 625_000
+    assert job.pretrain.data.crops.global_crops_size == 224 and job.pretrain.data.crops.local_crops_size == 98
+    assert job.pretrain.train.zero_stage == 3
+
+
+def test_every_shipped_job_loads(demo_inputs):
+    for path in sorted(JOBS.glob("*.yaml")):
+        job = load_job(path)
+        assert job.stages, path
+        assert path.read_text().startswith("#!/usr/bin/env -S dino-ray run"), path
+
+
+def test_base_inheritance_and_overrides(demo_inputs):
+    job = load_job(JOBS / "pretrain.yaml", ["pretrain.schedule.base_lr=1e-4", "pretrain.model.arch=vit_base",
+                                            "pretrain.loss.centering=softmax"])
+    assert job.stages == ["pretrain"]
+    assert job.pretrain.schedule.base_lr == pytest.approx(1e-4)
+    assert job.pretrain.model.arch == "vit_base"
+    assert job.pretrain.model.embed_dim == 96  # from the preset, untouched
+    assert job.pretrain.loss.centering == "softmax"
+    assert len(job.sources) == 2 and job.sources[0].endswith("presets/demo.yaml")
+
+
+def test_override_parsing():
+    assert parse_override("a.b=1e-4") == (["a", "b"], "1e-4")  # YAML 1.1: a float needs a dot; typing coerces it
+    assert parse_override("a=[1, 2]") == (["a"], [1, 2])
+    assert apply_overrides({"a": {"b": 1}}, ["a.c=x"]) == {"a": {"b": 1, "c": "x"}}
+    with pytest.raises(ConfigError, match="key.path=value"):
+        parse_override("novalue")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("pretrain.schedule.base_lrr=1", r"pretrain\.schedule\.base_lrr: unknown key; did you mean pretrain\.schedule\.base_lr\?"),
+    ("pretrain.model.arch=vit_smal", r"pretrain\.model\.arch: 'vit_smal' is not one of .*; did you mean 'vit_small'\?"),
+    ("pretrain.train.batch_size_per_worker=many", r"pretrain\.train\.batch_size_per_worker: expected an integer, got 'many'"),
+    ("pretrain.model.drop_path_rate=1.5", r"pretrain\.model\.drop_path_rate: 1\.5 is out of range: must be < 1\.0"),
+    ("pretrain.train.zero_stage=4", r"pretrain\.train\.zero_stage: 4 is out of range: must be <= 3"),
+    ("stages=[pretrian]", r"unknown stage\(s\) \['pretrian'\]; did you mean 'pretrain'\?"),
+    ("pretrain.data.source.uri=/nonexistent/images", r"pretrain\.data\.source\.uri: input path does not exist: /nonexistent/images"),
+    ("pretrain.train.precision=fp8", r"pretrain\.train\.precision: 'fp8' is not one of"),
+])
+def test_bad_values_name_file_key_and_expectation(demo_inputs, override, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        load_job(JOBS / "pretrain.yaml", [override])
+    assert "pretrain.yaml" in str(err.value)
+
+
+def test_bad_yaml_and_circular_base(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_job(write(tmp_path, "bad.yaml", "a: [1, 2\n"))
+    write(tmp_path, "a.yaml", "base: b.yaml\n")
+    write(tmp_path, "b.yaml", "base: a.yaml\n")
+    with pytest.raises(ConfigError, match="circular base"):
+        load_job(tmp_path / "a.yaml")
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_job(tmp_path / "missing.yaml")
+
+
+def test_curate_without_embedder_is_rejected(demo_inputs):
+    with pytest.raises(ConfigError, match="curate.embed.checkpoint: is empty"):
+        load_job(JOBS / "curate.yaml", ["curate.embed.bootstrap_iterations=0"])
+
+
+def test_patch_size_must_agree(demo_inputs):
+    with pytest.raises(ConfigError, match="patch_size"):
+        load_job(JOBS / "pretrain.yaml", ["pretrain.model.patch_size=8"])
+
+
+def test_config_hash_is_stable_and_sensitive(demo_inputs):
+    a = load_job(JOBS / "pretrain.yaml")
+    b = load_job(JOBS / "pretrain.yaml")
+    c = load_job(JOBS / "pretrain.yaml", ["pretrain.schedule.base_lr=5e-4"])
+    assert config_hash(a.pretrain) == config_hash(b.pretrain) != config_hash(c.pretrain)
+
+
+def test_cli_fails_fast_before_ray(demo_inputs):
+    """A typo is reported by the real CLI within seconds, with exit code 2 and no Ray start-up."""
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-m", "dino_ray.cli", "run", str(JOBS / "pretrain.yaml"),
+                           "pretrain.schedule.warmup_iter=10"], capture_output=True, text=True, timeout=60)
+    elapsed = time.time() - start
+    assert proc.returncode == 2, proc.stderr
+    assert "did you mean pretrain.schedule.warmup_iters" in proc.stderr
+    assert "Ray" not in proc.stdout
+    assert elapsed < 5.0, f"config error took {elapsed:.1f}s"
