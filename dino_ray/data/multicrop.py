@@ -255,7 +255,7 @@ class MultiCrop:
                 saturation = blending & (op == color.SATURATION)
                 if saturation.any():
                     base = base + color.luma(x) * _per_crop(saturation)
-                x.mul_(factor).add_((1.0 - factor) * base).clamp_(0.0, 255.0)
+                torch.addcmul((1.0 - factor) * base, x, factor, out=x).clamp_(0.0, 255.0)
             hue_rows = np.flatnonzero(jitter & (op == color.HUE))
             if hue_rows.size and cfg.hue > 0:
                 lo, hi = hue_rows[0], hue_rows[-1] + 1  # contiguous by construction of the table order
@@ -294,6 +294,32 @@ class MultiCrop:
             out[f"mask_{i}"] = (self.masks(epoch, sample_index, i) if self.masks is not None
                                 else np.zeros(self.cfg.num_patches, dtype=bool))
         return out
+
+
+def reduce_allocator_churn(threshold_bytes: int = 256 * 2**20) -> bool:
+    """Keep freed heap memory in this process instead of handing it back to the OS (glibc only).
+
+    The photometric ops allocate float temporaries of ~0.1-2 MB per op. Above glibc's (dynamic)
+    mmap / trim thresholds every such buffer is returned to the kernel on free and page-faulted in
+    again on the next allocation, which measured at about half of the photometric time. Raising
+    both thresholds makes the allocator reuse the memory. This is process-wide, so it is NOT done
+    on import or construction: data-worker processes call it once (the Ray Data actors and the
+    benchmark's DataLoader workers do). Returns False where glibc's ``mallopt`` is unavailable.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h> parameter numbers
+    return bool(mallopt(m_mmap_threshold, min(threshold_bytes, 32 * 2**20))) and bool(
+        mallopt(m_trim_threshold, threshold_bytes))
 
 
 def _per_crop(values: np.ndarray) -> torch.Tensor:

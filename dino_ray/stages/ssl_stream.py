@@ -59,6 +59,9 @@ class CropMaker:
         self.uris = pq.read_table(path, filesystem=fs, columns=["uri"]).column("uri").to_pylist()
         self.spec = spec
         self.decode_cfg = data_cfg.decode
+        # JPEGs much larger than the crops decode at a reduced size (PIL draft): global crops are cut
+        # from at least this many pixels per side.
+        self.draft_size = data_cfg.decode.draft_size or data_cfg.crops.global_crops_size
         self.multicrop = MultiCrop(data_cfg.crops, data_cfg.masking, seed=spec.seed)
         self._perms: dict[int, np.ndarray] = {}
         self.skipped = 0
@@ -79,8 +82,7 @@ class CropMaker:
             index = int(perm[(offset + attempt) % self.spec.n_images])
             try:
                 data = storage.read_bytes(self.uris[index])
-                return index, decode_image(data, draft_size=self.decode_cfg.draft_size or self.multicrop.draft_size,
-                                           max_pixels=self.decode_cfg.max_pixels)
+                return index, decode_image(data, draft_size=self.draft_size, max_pixels=self.decode_cfg.max_pixels)
             except (DecodeError, OSError):
                 self.skipped += 1
         raise RuntimeError(f"16 consecutive images failed to decode around position {offset} of epoch {epoch}; "
