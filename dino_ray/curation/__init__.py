@@ -32,7 +32,7 @@ from .kmeans import (
     kmeans_with_config,
     resampled_kmeans,
 )
-from .knn_graph import KnnEdges, knn_edges
+from .knn_graph import KnnEdges, KnnGraph, graph_recall, knn_edges, knn_graph
 from .plan import REASONS, CurationResult, curate_arrays
 from .retrieval import RetrievalResult, retrieve_by_cluster, retrieve_nearest
 from .sampling import BalancedSample, balanced_sample, water_fill
@@ -51,6 +51,7 @@ __all__ = [
     "IndexConfig",
     "KMeansResult",
     "KnnEdges",
+    "KnnGraph",
     "RetrievalConfig",
     "RetrievalResult",
     "SamplingConfig",
@@ -66,7 +67,9 @@ __all__ = [
     "kmeans",
     "kmeans_plus_plus",
     "kmeans_with_config",
+    "graph_recall",
     "knn_edges",
+    "knn_graph",
     "measure_recall",
     "resampled_kmeans",
     "retrieve_by_cluster",

@@ -83,7 +83,7 @@ def kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndar
 def kmeans(
     x: np.ndarray,
     k: int,
-    n_iter: int = 50,
+    n_iter: int = 25,
     seed: int = 0,
     spherical: bool = False,
     max_points_per_centroid: int = 256,

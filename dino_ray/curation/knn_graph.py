@@ -77,12 +77,17 @@ def knn_edges(
 def graph_recall(x: np.ndarray, graph: KnnGraph, n_queries: int, seed: int) -> float:
     """Recall@k of the graph rows against exact search, on sampled rows (ties count as hits)."""
     x = as_embeddings(x, "x")
-    n, k = graph.ids.shape
+    n = graph.ids.shape[0]
+    if x.shape[0] != n:
+        raise ValueError(f"x has {x.shape[0]} rows, the graph {n}")
+    k = min(graph.ids.shape[1], n - 1)
+    if k <= 0:
+        return 1.0
     rows = np.random.default_rng(seed).choice(n, size=min(n_queries, n), replace=False)
-    exact_sim, exact_ids = faiss.knn(x[rows], x, min(k + 1, n), metric=faiss.METRIC_INNER_PRODUCT)
+    exact_sim, exact_ids = faiss.knn(x[rows], x, k + 1, metric=faiss.METRIC_INNER_PRODUCT)
     exact_sim = np.where(exact_ids == rows[:, None], -np.inf, exact_sim)  # drop the self match
-    kth = np.sort(exact_sim, axis=1)[:, -k:][:, :1] - 1e-5
-    hits = (graph.ids[rows] >= 0) & (graph.sims[rows] >= kth)
+    kth = np.sort(exact_sim, axis=1)[:, 1:2] - 1e-5  # k-th best of the others
+    hits = (graph.ids[rows, :k] >= 0) & (graph.sims[rows, :k] >= kth)
     return float(hits.sum() / (rows.size * k))
 
 

@@ -19,7 +19,7 @@ from .config import CurationConfig
 from .dedup import connected_components, decontaminate, self_dedup
 from .index import as_embeddings, build_index, index_kind, ivf_nlist, measure_recall
 from .kmeans import HierarchicalKMeansResult, hierarchical_kmeans, kmeans_with_config
-from .knn_graph import KnnEdges, knn_edges
+from .knn_graph import KnnEdges, graph_recall, knn_graph
 from .retrieval import RetrievalResult, retrieve_by_cluster, retrieve_nearest
 from .sampling import balanced_sample
 
@@ -58,15 +58,21 @@ def curate_arrays(
     if cfg.dedup.enabled or decontaminating or "sample" in modes:
         with _timed(timings, "index"):
             index = build_index(pool, cfg.index, seeds[0])
-        with _timed(timings, "recall"):
+        with _timed(timings, "index_recall"):
             summary.update(_index_summary(pool, index, cfg, seeds[0]))
 
     clean = np.ones(n, dtype=bool)
     edges = None
     if cfg.dedup.enabled or (decontaminating and cfg.decontamination.propagate):
         with _timed(timings, "knn_graph"):
-            edges = knn_edges(index, pool, cfg.dedup.k, _graph_threshold(cfg, decontaminating),
-                              cfg.index.search_batch_size)
+            graph = knn_graph(index, pool, cfg.dedup.k, cfg.index.search_batch_size)
+        if summary["index_type"] == "ivf":
+            with _timed(timings, "graph_recall"):
+                summary["graph_recall"] = graph_recall(pool, graph, cfg.index.recall_queries, seeds[0])
+        else:
+            summary["graph_recall"] = 1.0  # exact search
+        edges = graph.edges(_graph_threshold(cfg, decontaminating))
+        del graph
         summary["n_graph_edges"] = int(edges.src.size)
     if cfg.dedup.enabled:
         with _timed(timings, "dedup"):

@@ -85,30 +85,30 @@ def solarize(x: torch.Tensor, threshold: float) -> torch.Tensor:
     return torch.where(x >= threshold, 255.0 - x, x)
 
 
-def gaussian_kernel(sigma: float, kernel_size: int) -> torch.Tensor:
-    """Normalised 1-D Gaussian taps [kernel_size]."""
+def gaussian_kernels(sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Normalised 1-D Gaussian taps, one row per sigma: [n, kernel_size]."""
     taps = torch.arange(kernel_size, dtype=torch.float64) - kernel_size // 2
-    kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
-    return (kernel / kernel.sum()).to(torch.float32)
+    kernel = torch.exp(-0.5 * (taps[None, :] / sigma.to(torch.float64).reshape(-1, 1)) ** 2)
+    return (kernel / kernel.sum(dim=1, keepdim=True)).to(torch.float32)
 
 
-def gaussian_blur(image: torch.Tensor, sigma: float, kernel_size: int) -> torch.Tensor:
-    """Separable Gaussian blur of one image [3, H, W], reflect padding (a new tensor).
+def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Separable Gaussian blur of images [n, 3, H, W], one sigma per image, reflect padding (new tensor).
 
-    Written as kernel_size shifted multiply-adds per direction, which on CPU beats a depthwise
-    conv2d at crop sizes (measured ~1.5-2x at 98 and 224 px).
+    Written as kernel_size shifted multiply-adds per direction with per-image taps: on CPU this
+    beats a depthwise conv2d at crop sizes (measured ~1.5-2x at 98 and 224 px).
     """
-    _, h, w = image.shape
+    n, _, h, w = images.shape
     half = kernel_size // 2
     if half >= min(h, w):
         raise ValueError(f"blur kernel {kernel_size} too large for a {h}x{w} image (reflect padding)")
-    taps = gaussian_kernel(sigma, kernel_size).tolist()
-    padded = F.pad(image.unsqueeze(0), (half, half, 0, 0), mode="reflect")[0]
-    rows = padded[..., 0:w] * taps[0]
+    taps = gaussian_kernels(sigma, kernel_size).to(images.dtype).reshape(n, 1, 1, 1, kernel_size)
+    padded = F.pad(images, (half, half, 0, 0), mode="reflect")
+    rows = padded[..., 0:w] * taps[..., 0]
     for i in range(1, kernel_size):
-        rows.add_(padded[..., i: i + w], alpha=taps[i])
-    padded = F.pad(rows.unsqueeze(0), (0, 0, half, half), mode="reflect")[0]
-    out = padded[:, 0:h] * taps[0]
+        rows.addcmul_(padded[..., i: i + w], taps[..., i])
+    padded = F.pad(rows, (0, 0, half, half), mode="reflect")
+    out = padded[..., 0:h, :] * taps[..., 0]
     for i in range(1, kernel_size):
-        out.add_(padded[:, i: i + h], alpha=taps[i])
+        out.addcmul_(padded[..., i: i + h, :], taps[..., i])
     return out

@@ -240,39 +240,47 @@ class MultiCrop:
 
     def _jitter(self, x: torch.Tensor, d: _Draws, crops: np.ndarray) -> torch.Tensor:
         """Four steps; at each, one blend for the brightness/contrast/saturation crops, then hue."""
-        cfg = self.cfg
-        jitter, factors = d.jitter[crops], d.factors[crops]
-        rows = np.arange(len(crops))
+        n = len(crops)
+        ops = d.order[crops]  # [n, 4]: op of each crop at each step
+        blending = d.jitter[crops, None] & (ops != color.HUE)
+        factor = np.where(blending, np.take_along_axis(d.factors[crops], np.minimum(ops, color.SATURATION), 1), 1.0)
+        keep = 1.0 - factor
+        contrast = np.where(blending & (ops == color.CONTRAST), keep, 0.0)
+        saturation = np.where(blending & (ops == color.SATURATION), keep, 0.0)
+        factor_t, contrast_t, saturation_t = (_per_step(a, n) for a in (factor, contrast, saturation))
+        hue_rows = d.jitter[crops, None] & (ops == color.HUE) & (self.cfg.hue > 0)
         for step in range(4):
-            op = d.order[crops, step]
-            blending = jitter & (op != color.HUE)
-            if blending.any():
-                factor = _per_crop(np.where(blending, factors[rows, np.minimum(op, color.SATURATION)], 1.0))
-                base = torch.zeros(())
-                contrast = blending & (op == color.CONTRAST)
-                if contrast.any():
-                    base = base + color.mean_luma(x) * _per_crop(contrast)
-                saturation = blending & (op == color.SATURATION)
-                if saturation.any():
-                    base = base + color.luma(x) * _per_crop(saturation)
-                torch.addcmul((1.0 - factor) * base, x, factor, out=x).clamp_(0.0, 255.0)
-            hue_rows = np.flatnonzero(jitter & (op == color.HUE))
-            if hue_rows.size and cfg.hue > 0:
-                lo, hi = hue_rows[0], hue_rows[-1] + 1  # contiguous by construction of the table order
-                x[lo:hi] = color.adjust_hue(x[lo:hi], _per_crop(factors[lo:hi, color.HUE]))
+            if (factor[:, step] != 1.0).any():
+                offset = None
+                if contrast[:, step].any():
+                    offset = color.mean_luma(x) * contrast_t[step]
+                if saturation[:, step].any():
+                    gray = color.luma(x)
+                    offset = gray * saturation_t[step] if offset is None else torch.addcmul(offset, gray, saturation_t[step])
+                if offset is None:
+                    x.mul_(factor_t[step])
+                else:
+                    torch.addcmul(offset, x, factor_t[step], out=x)
+                x.clamp_(0.0, 255.0)
+            rows = np.flatnonzero(hue_rows[:, step])
+            if rows.size:
+                lo, hi = rows[0], rows[-1] + 1  # contiguous by construction of the table order
+                x[lo:hi] = color.adjust_hue(x[lo:hi], _per_crop(d.factors[crops[lo:hi], color.HUE]))
         return x
 
-    def _per_crop_extras(self, x: torch.Tensor, d: _Draws, crops: np.ndarray, size: int) -> torch.Tensor:
-        """Grayscale, blur, solarize on the few crops that drew them."""
+    def _extras(self, x: torch.Tensor, d: _Draws, crops: np.ndarray, size: int) -> torch.Tensor:
+        """Grayscale, then blur, then solarize, each on the crops that drew it."""
         cfg = self.cfg
-        for row, crop in enumerate(crops):
-            image = x[row].view(3, size, size)
-            if d.grayscale[crop]:
-                x[row] = color.to_grayscale(x[row])
-            if d.blur[crop]:
-                image.copy_(color.gaussian_blur(image, float(d.sigma[crop]), cfg.blur_kernel_size))
-            if d.solarize[crop]:
-                x[row] = color.solarize(x[row], cfg.solarize_threshold)
+        for row in np.flatnonzero(d.grayscale[crops]):
+            x[row] = color.to_grayscale(x[row])
+        rows = np.flatnonzero(d.blur[crops])
+        if rows.size:
+            index = torch.from_numpy(rows)
+            images = x.index_select(0, index).view(len(rows), 3, size, size)
+            blurred = color.gaussian_blur(images, torch.from_numpy(d.sigma[crops[rows]]), cfg.blur_kernel_size)
+            x.index_copy_(0, index, blurred.view(len(rows), 3, size * size))
+        for row in np.flatnonzero(d.solarize[crops]):
+            x[row] = color.solarize(x[row], cfg.solarize_threshold)
         return x
 
     def __call__(self, image: np.ndarray, sample_index: int, epoch: int = 0) -> dict[str, np.ndarray]:
@@ -284,7 +292,7 @@ class MultiCrop:
         views: dict[str, np.ndarray] = {}
         for group, size in self._groups:
             crops = self._sorted_by_hue_step(d, group)
-            x = self._per_crop_extras(self._jitter(self._table(img, d, crops, size), d, crops), d, crops, size)
+            x = self._extras(self._jitter(self._table(img, d, crops, size), d, crops), d, crops, size)
             pixels = torch.empty((len(crops), 3, size, size), dtype=torch.uint8)
             pixels.copy_(x.round_().view(len(crops), 3, size, size))
             for row, crop in enumerate(crops):
@@ -320,6 +328,11 @@ def reduce_allocator_churn(threshold_bytes: int = 256 * 2**20) -> bool:
     m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h> parameter numbers
     return bool(mallopt(m_mmap_threshold, min(threshold_bytes, 32 * 2**20))) and bool(
         mallopt(m_trim_threshold, threshold_bytes))
+
+
+def _per_step(values: np.ndarray, n: int) -> torch.Tensor:
+    """[n, 4] per-crop, per-step values as a [4, n, 1, 1] float32 tensor (index by step)."""
+    return torch.from_numpy(np.ascontiguousarray(values.T, dtype=np.float32)).reshape(4, n, 1, 1)
 
 
 def _per_crop(values: np.ndarray) -> torch.Tensor:

@@ -7,8 +7,7 @@ stays free of torch: importing this package costs nothing until a function is us
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from dino_ray._lazy import lazy_exports
 
 _EXPORTS = {
     "raw_pixel_features": "baselines",
@@ -38,12 +37,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'dino_ray.evals' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"dino_ray.evals.{module}"), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

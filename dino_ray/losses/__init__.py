@@ -1,16 +1,22 @@
-"""DINOv2 objectives: DINO (CLS), iBOT (masked patches), KoLeo, and teacher centering."""
+"""DINOv2 objectives: DINO (CLS), iBOT (masked patches), KoLeo, and teacher centering.
 
-from dino_ray.losses.centering import SoftmaxCentering, sinkhorn_knopp
-from dino_ray.losses.dino import DINOLoss, dino_pair_count
-from dino_ray.losses.ibot import iBOTPatchLoss, masked_token_weights
-from dino_ray.losses.koleo import KoLeoLoss
+Exports resolve lazily so that ``dino_ray.losses.config`` (read by the job config) needs no torch.
+"""
 
-__all__ = [
-    "DINOLoss",
-    "KoLeoLoss",
-    "SoftmaxCentering",
-    "dino_pair_count",
-    "iBOTPatchLoss",
-    "masked_token_weights",
-    "sinkhorn_knopp",
-]
+from __future__ import annotations
+
+from dino_ray._lazy import lazy_exports
+
+_EXPORTS = {
+    "SoftmaxCentering": "centering",
+    "sinkhorn_knopp": "centering",
+    "DINOLoss": "dino",
+    "dino_pair_count": "dino",
+    "iBOTPatchLoss": "ibot",
+    "masked_token_weights": "ibot",
+    "KoLeoLoss": "koleo",
+    "LossConfig": "config",
+}
+
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

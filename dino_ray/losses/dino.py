@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dino_ray.losses.centering import SoftmaxCentering, sinkhorn_knopp
+from dino_ray.losses.config import check_centering
 
-CENTERINGS = ("sinkhorn_knopp", "softmax")
 
 
 def dino_pair_count(n_global: int, n_local: int) -> int:
@@ -49,12 +49,6 @@ def cross_entropy_to_targets(student_log_probs: Tensor, teacher_probs: Tensor) -
         )
     with torch.autocast(student_log_probs.device.type, enabled=False):
         return -(teacher_probs.detach().float() * student_log_probs).sum(dim=-1)
-
-
-def check_centering(centering: str) -> str:
-    if centering not in CENTERINGS:
-        raise ValueError(f"centering must be one of {CENTERINGS}, got {centering!r}")
-    return centering
 
 
 class DINOLoss(nn.Module):

@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from dino_ray.losses.centering import SoftmaxCentering, sinkhorn_knopp
-from dino_ray.losses.dino import check_centering, cross_entropy_to_targets, student_log_probs
+from dino_ray.losses.config import check_centering
+from dino_ray.losses.dino import cross_entropy_to_targets, student_log_probs
 
 
 def masked_token_weights(masks: Tensor) -> Tensor:

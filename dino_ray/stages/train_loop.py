@@ -78,7 +78,10 @@ def _ds_config(spec: LoopSpec, world: int, bf16: bool, with_optimizer: bool) -> 
         "train_micro_batch_size_per_gpu": spec.train.batch_size_per_worker,
         "train_batch_size": spec.train.batch_size_per_worker * world,
         "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": spec.train.zero_stage},
+        # EMA engines are updated shard-locally, so none of their parameters may stay gathered between
+        # forwards (ZeRO-3 keeps small ones resident by default): threshold 0 for them.
+        "zero_optimization": {"stage": spec.train.zero_stage} if with_optimizer else
+        {"stage": spec.train.zero_stage, "stage3_param_persistence_threshold": 0},
         "bf16": {"enabled": bf16 and with_optimizer},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
@@ -305,6 +308,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         step += 1
         imgs_since += global_batch
         if step % spec.train.log_every == 0 or step == total:
+            metrics = _mean_over_ranks(metrics, device)
             now = time.time()
             metrics["images_per_s"] = imgs_since / max(now - t_last, 1e-9)
             if device.type == "cuda":
@@ -359,6 +363,17 @@ class _null:
 
     def __exit__(self, *exc: Any) -> None:
         return None
+
+
+def _mean_over_ranks(metrics: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Logged losses are the average over ranks, i.e. the loss of the global batch (as DINOv2 logs)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return metrics
+    keys = sorted(metrics)
+    values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(values)
+    values /= torch.distributed.get_world_size()
+    return dict(zip(keys, values.tolist()))
 
 
 def _all_finite(loss: torch.Tensor) -> bool:

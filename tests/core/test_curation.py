@@ -21,8 +21,10 @@ from dino_ray.curation import (
     curate_arrays,
     decontaminate,
     hierarchical_kmeans,
+    graph_recall,
     index_kind,
     knn_edges,
+    knn_graph,
     measure_recall,
     resampled_kmeans,
     retrieve_by_cluster,
@@ -294,6 +296,22 @@ def test_ivf_recall_measured_and_plausible() -> None:
     assert index_kind(flat) == "flat" and measure_recall(x, flat, 10, 100, 0) == 1.0
 
 
+def test_ivf_self_join_matches_exact_graph_when_probing_all_lists() -> None:
+    rng = np.random.default_rng(13)
+    x, _ = blobs(rng, [150] * 20, spread=0.08)
+    exact = knn_graph(build_index(x, IndexConfig(exact_threshold=10_000)), x, k=8)
+    ivf = build_index(x, IndexConfig(exact_threshold=1000, nlist=20, nprobe=20))
+    joined = knn_graph(ivf, x, k=8)
+    np.testing.assert_allclose(joined.sims, exact.sims, atol=1e-5)
+    assert (joined.ids != np.arange(x.shape[0])[:, None]).all()  # no self loops
+    assert graph_recall(x, joined, 200, seed=0) == pytest.approx(1.0)
+    # Structureless data: neighbours spread over many lists, so probing 2 of 20 misses most.
+    noise = random_unit(rng, 3000)
+    sparse = build_index(noise, IndexConfig(exact_threshold=1000, nlist=20, nprobe=2))
+    partial = graph_recall(noise, knn_graph(sparse, noise, k=8), 200, seed=0)
+    assert 0.02 < partial < 0.6
+
+
 def plan_inputs(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Skewed blobs + copies of pool images + copies of eval images; returns pool, eval, seeds."""
     base, _ = blobs(rng, [600, 300, 100, 50, 30, 20], spread=0.2)
@@ -324,6 +342,7 @@ def test_curate_arrays_end_to_end_and_deterministic() -> None:
     assert s["n_decontaminated"] == 3 and s["decontamination_direct_hits"] == {"toy_eval": 3}
     assert s["n_clean"] == n_base
     assert s["index_type"] == "ivf" and s["index_recall"] == pytest.approx(1.0)  # nprobe == nlist
+    assert s["graph_recall"] == pytest.approx(1.0)
     removed = np.arange(pool.shape[0]) >= n_base
     assert (result.cluster_ids[removed] == -1).all() and (result.cluster_ids[~removed] >= 0).all()
     assert not np.isin(result.keep, np.flatnonzero(removed)).any()
