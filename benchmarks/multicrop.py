@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dino_ray.data.decode import DecodeConfig, decode_image
 from dino_ray.data.masking import MaskGenerator, MaskingConfig
-from dino_ray.data.multicrop import MultiCrop, MultiCropConfig, normalize_batch
+from dino_ray.data.multicrop import MultiCrop, MultiCropConfig, normalize_batch, reduce_allocator_churn
 
 DATA_TAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenette-224-subset.tar"
 
@@ -171,9 +171,16 @@ class BaselineCollate:
 # ----------------------------------------------------------------------------------------------
 
 
+def _worker_init(_: int) -> None:
+    # Same process setup for both pipelines (what our Ray Data actors do at start-up).
+    reduce_allocator_churn()
+    torch.set_num_threads(1)
+
+
 def _loader(dataset: Dataset, batch_size: int, workers: int, collate=None) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
-                      persistent_workers=workers > 0, prefetch_factor=2 if workers else None)
+                      persistent_workers=workers > 0, prefetch_factor=2 if workers else None,
+                      worker_init_fn=_worker_init)
 
 
 def _epoch(loader: DataLoader, finish) -> tuple[float, int]:

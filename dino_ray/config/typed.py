@@ -19,6 +19,7 @@ class ConfigError(ValueError):
     """A config problem, with the file and the dotted key path it concerns."""
 
     def __init__(self, message: str, key: str = "", source: str | None = None):
+        self.message = message
         self.key = key
         self.source = source
         where = f"{source}: " if source else ""
@@ -169,9 +170,11 @@ def build(cls: type, data: dict[str, Any] | None, prefix: str = "", source: str 
         validate = getattr(obj, "validate", None)
         if callable(validate):
             validate()
-    except ConfigError:
+    except ConfigError as e:
+        if e.source is None and source is not None:
+            raise ConfigError(e.message, e.key or prefix, source) from None
         raise
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, OSError) as e:
         raise ConfigError(str(e), prefix, source) from e
     return obj
 

@@ -48,79 +48,97 @@ def curate_arrays(
     if seed_set is not None:
         seed_set = _check_dim(as_embeddings(seed_set, "seed_set"), pool.shape[1], "seed_set")
     seeds = [int(s) >> 1 for s in np.random.SeedSequence(seed).generate_state(4)]  # fit a C int
-    n = pool.shape[0]
-    timings: dict[str, float] = {}
-    summary: dict = {"pool_size": n, "timings_s": timings}
+    summary: dict = {"pool_size": pool.shape[0], "timings_s": {}}
     modes = _retrieval_modes(cfg, seed_set)
     decontaminating = cfg.decontamination.enabled and bool(eval_sets)
 
     index = None
     if cfg.dedup.enabled or decontaminating or "sample" in modes:
-        with _timed(timings, "index"):
+        with _timed(summary, "index"):
             index = build_index(pool, cfg.index, seeds[0])
-        with _timed(timings, "index_recall"):
+        with _timed(summary, "index_recall"):
             summary.update(_index_summary(pool, index, cfg, seeds[0]))
-
-    clean = np.ones(n, dtype=bool)
-    edges = None
-    if cfg.dedup.enabled or (decontaminating and cfg.decontamination.propagate):
-        with _timed(timings, "knn_graph"):
-            graph = knn_graph(index, pool, cfg.dedup.k, cfg.index.search_batch_size)
-        if summary["index_type"] == "ivf":
-            with _timed(timings, "graph_recall"):
-                summary["graph_recall"] = graph_recall(pool, graph, cfg.index.recall_queries, seeds[0])
-        else:
-            summary["graph_recall"] = 1.0  # exact search
-        edges = graph.edges(_graph_threshold(cfg, decontaminating))
-        del graph
-        summary["n_graph_edges"] = int(edges.src.size)
-    if cfg.dedup.enabled:
-        with _timed(timings, "dedup"):
-            dedup = self_dedup(edges, cfg.dedup.threshold)
-        clean &= dedup.keep
-    summary["n_duplicates_removed"] = int(n - clean.sum())
-    if decontaminating:
-        with _timed(timings, "decontamination"):
-            removed = _decontaminate(index, eval_sets, edges, cfg, summary)
-        summary["n_decontaminated"] = int((clean & removed).sum())
-        clean &= ~removed
-    else:
-        summary["n_decontaminated"] = 0
+    clean = _clean_pool(pool, index, eval_sets if decontaminating else {}, cfg, seeds[0], summary)
     clean_idx = np.flatnonzero(clean)
     summary["n_clean"] = int(clean_idx.size)
-
-    n_levels = len(cfg.clustering.n_clusters) if cfg.clustering.enabled else 0
-    cluster_ids = np.full((n, n_levels), -1, dtype=np.int64)
-    tree = None
-    if cfg.clustering.enabled:
-        if clean_idx.size == 0:
-            raise ValueError(f"dedup and decontamination removed all {n} pool images: nothing left to cluster")
-        with _timed(timings, "clustering"):
-            tree = hierarchical_kmeans(pool[clean_idx], cfg.clustering, seeds[1])
-        cluster_ids[clean_idx] = tree.assignments
+    tree, cluster_ids = _cluster(pool, clean_idx, cfg, seeds[1], summary)
 
     picked: list[tuple[str, np.ndarray]] = []
     if cfg.pool_selection == "balanced":
-        with _timed(timings, "sampling"):
+        with _timed(summary, "sampling"):
             picked.append(("balanced_sample", _balanced(tree, clean_idx, cfg, seeds[2], summary)))
     elif cfg.pool_selection == "all":
         picked.append(("all", clean_idx))
     if "sample" in modes:
-        with _timed(timings, "retrieval_sample"):
+        with _timed(summary, "retrieval_sample"):
             found = retrieve_nearest(index, seed_set, cfg.retrieval.n_per_seed, allowed=clean)
         picked.append(("retrieved_sample", found.indices))
         summary["retrieval_sample_collisions"] = found.n_collisions
     if "cluster" in modes:
-        with _timed(timings, "retrieval_cluster"):
+        with _timed(summary, "retrieval_cluster"):
             found = _cluster_retrieval(pool, clean_idx, cluster_ids, tree, seed_set, cfg, seeds[3])
         picked.append(("retrieved_cluster", found.indices))
         summary["retrieval_clusters_hit"] = int(found.clusters_hit.size)
 
-    keep, reason = _merge(n, picked)
+    keep, reason = _merge(pool.shape[0], picked)
     summary["n_selected_by_step"] = {name: int(idx.size) for name, idx in picked}
     summary["n_kept_by_reason"] = {name: int((reason == name).sum()) for name in REASONS}
     summary["n_kept"] = int(keep.size)
     return CurationResult(keep=keep, reason=reason, cluster_ids=cluster_ids, summary=summary)
+
+
+def _clean_pool(
+    pool: np.ndarray,
+    index: faiss.Index | None,
+    eval_sets: dict[str, np.ndarray],
+    cfg: CurationConfig,
+    seed: int,
+    summary: dict,
+) -> np.ndarray:
+    """Mask of pool images that survive self-dedup and decontamination (one shared k-NN graph)."""
+    n = pool.shape[0]
+    clean = np.ones(n, dtype=bool)
+    propagating = bool(eval_sets) and cfg.decontamination.propagate
+    edges = None
+    if cfg.dedup.enabled or propagating:
+        with _timed(summary, "knn_graph"):
+            graph = knn_graph(index, pool, cfg.dedup.k, cfg.index.search_batch_size)
+        with _timed(summary, "graph_recall"):
+            exact = summary["index_type"] == "flat"
+            summary["graph_recall"] = 1.0 if exact else graph_recall(pool, graph, cfg.index.recall_queries, seed)
+        edges = graph.edges(_graph_threshold(cfg, propagating))
+        summary["n_graph_edges"] = int(edges.src.size)
+    if cfg.dedup.enabled:
+        with _timed(summary, "dedup"):
+            clean &= self_dedup(edges, cfg.dedup.threshold).keep
+    summary["n_duplicates_removed"] = int(n - clean.sum())
+    summary["n_decontaminated"] = 0
+    if eval_sets:
+        with _timed(summary, "decontamination"):
+            removed = _decontaminate(index, eval_sets, edges, cfg, summary)
+        summary["n_decontaminated"] = int((clean & removed).sum())
+        clean &= ~removed
+    return clean
+
+
+def _cluster(
+    pool: np.ndarray,
+    clean_idx: np.ndarray,
+    cfg: CurationConfig,
+    seed: int,
+    summary: dict,
+) -> tuple[HierarchicalKMeansResult | None, np.ndarray]:
+    """Hierarchical k-means of the clean pool; cluster ids per pool image, -1 where not clustered."""
+    n_levels = len(cfg.clustering.n_clusters) if cfg.clustering.enabled else 0
+    cluster_ids = np.full((pool.shape[0], n_levels), -1, dtype=np.int64)
+    if not cfg.clustering.enabled:
+        return None, cluster_ids
+    if clean_idx.size == 0:
+        raise ValueError(f"dedup and decontamination removed all {pool.shape[0]} pool images: nothing to cluster")
+    with _timed(summary, "clustering"):
+        tree = hierarchical_kmeans(pool[clean_idx], cfg.clustering, seed)
+    cluster_ids[clean_idx] = tree.assignments
+    return tree, cluster_ids
 
 
 def _retrieval_modes(cfg: CurationConfig, seed_set: np.ndarray | None) -> set[str]:
@@ -133,10 +151,10 @@ def _retrieval_modes(cfg: CurationConfig, seed_set: np.ndarray | None) -> set[st
     return {"sample", "cluster"} if r.mode == "both" else {r.mode}
 
 
-def _graph_threshold(cfg: CurationConfig, decontaminating: bool) -> float:
+def _graph_threshold(cfg: CurationConfig, propagating: bool) -> float:
     """Lowest similarity any graph consumer needs, so one k-NN search serves both."""
     thresholds = [cfg.dedup.threshold] if cfg.dedup.enabled else []
-    if decontaminating and cfg.decontamination.propagate:
+    if propagating:
         thresholds.append(cfg.decontamination.threshold)
     return min(thresholds)
 
@@ -251,7 +269,7 @@ def _check_dim(x: np.ndarray, dim: int, name: str) -> np.ndarray:
 
 
 @contextmanager
-def _timed(timings: dict[str, float], step: str) -> Iterator[None]:
+def _timed(summary: dict, step: str) -> Iterator[None]:
     start = time.perf_counter()
     yield
-    timings[step] = round(time.perf_counter() - start, 4)
+    summary["timings_s"][step] = round(time.perf_counter() - start, 4)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from dino_ray.data import color
@@ -47,6 +48,11 @@ class MultiCropConfig:
     contrast: float = 0.4  # factor ~ U[0.6, 1.4]
     saturation: float = 0.2  # factor ~ U[0.8, 1.2]
     hue: float = 0.1  # shift ~ U[-0.1, 0.1] turns of the colour wheel
+    # torchvision clips to [0, 255] after each jitter op (they act on uint8 images). By default a
+    # run of brightness / contrast / saturation ops is applied as one exact affine map clipped once
+    # (clipping is the only difference: ~0.6 gray levels mean absolute difference on Imagenette
+    # crops) at about half the cost; True reproduces the clip after every op.
+    clip_after_every_jitter_op: bool = False
     grayscale_probability: float = 0.2
     # Gaussian blur: kernel 9 taps, sigma ~ U[0.1, 2.0].
     blur_kernel_size: int = 9
@@ -65,6 +71,10 @@ class MultiCropConfig:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     interpolation: str = "bicubic"
+    # Crop + resize engine, one call per crop either way. "torch": antialiased uint8 interpolate on
+    # a zero-copy view of the crop box (PIL's filters; mean difference to PIL <= 0.15 gray levels,
+    # measured 2.5-3.5x faster); "pil": Image.resize(..., box=...).
+    resize_backend: str = "torch"
 
     def validate(self) -> "MultiCropConfig":
         for name in ("global_crops_number", "global_crops_size", "local_crops_size", "patch_size"):
@@ -95,6 +105,8 @@ class MultiCropConfig:
             raise ValueError(f"MultiCropConfig.blur_kernel_size must be odd and >= 1, got {self.blur_kernel_size}")
         if self.interpolation not in _INTERPOLATION:
             raise ValueError(f"MultiCropConfig.interpolation {self.interpolation!r} not in {sorted(_INTERPOLATION)}")
+        if self.resize_backend not in ("torch", "pil"):
+            raise ValueError(f"MultiCropConfig.resize_backend {self.resize_backend!r} not in ['pil', 'torch']")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError(f"MultiCropConfig.mean/std must be 3 values (std > 0), got {self.mean}, {self.std}")
         return self
@@ -226,20 +238,64 @@ class MultiCrop:
         step[~d.jitter[crops]] = 4
         return crops[np.argsort(step, kind="stable")]
 
-    def _table(self, img: Image.Image, d: _Draws, crops: np.ndarray, size: int) -> torch.Tensor:
-        """Crop + resize each view with ONE PIL call, flip, and stack as a float [n, 3, size*size] table."""
-        table = torch.empty((len(crops), 3, size * size), dtype=torch.float32)
-        for row, crop in enumerate(crops):
-            left, top, w, h = d.boxes[crop]
-            view = img.resize((size, size), self._resample, box=(left, top, left + w, top + h))
-            if d.flip[crop]:
-                view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            hwc = torch.from_numpy(np.array(view))  # a writable copy: torch refuses read-only buffers
-            table[row].copy_(hwc.reshape(size * size, 3).T)
-        return table
+    def _crop(self, source: torch.Tensor, pil: Image.Image | None, box: tuple[int, int, int, int],
+              size: int) -> torch.Tensor:
+        """One crop box resized to size x size with one call: uint8 [3, size, size]."""
+        left, top, w, h = box
+        if pil is not None:
+            view = pil.resize((size, size), self._resample, box=(left, top, left + w, top + h))
+            return torch.from_numpy(np.array(view)).permute(2, 0, 1)  # np.array: torch wants writable memory
+        window = source[:, :, top: top + h, left: left + w]  # a view: nothing is copied before the resize
+        return F.interpolate(window, size=(size, size), mode=self.cfg.interpolation, antialias=True)[0]
 
-    def _jitter(self, x: torch.Tensor, d: _Draws, crops: np.ndarray) -> torch.Tensor:
-        """Four steps; at each, one blend for the brightness/contrast/saturation crops, then hue."""
+    def _table(self, source: torch.Tensor, pil: Image.Image | None, d: _Draws, crops: np.ndarray,
+               size: int) -> torch.Tensor:
+        """Crop, resize and flip each view, stacked as a float [n, 3, size*size] pixel table."""
+        views = torch.empty((len(crops), 3, size, size), dtype=torch.uint8)
+        for row, crop in enumerate(crops):
+            view = self._crop(source, pil, d.boxes[crop], size)
+            views[row] = view.flip(-1) if d.flip[crop] else view
+        return views.reshape(len(crops), 3, size * size).to(torch.float32)
+
+    def _affine_runs(self, d: _Draws, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per crop, the affine maps before and after its hue shift ([n, 3] each, see color.compose_blend).
+
+        Grayscale, which follows the jitter, is folded into the second map.
+        """
+        identity = (1.0, 0.0, 0.0)
+        before = np.tile(identity, (len(crops), 1))
+        after = np.tile(identity, (len(crops), 1))
+        for row, crop in enumerate(crops):
+            coef, split = identity, None
+            if d.jitter[crop]:
+                for op in d.order[crop]:
+                    if op != color.HUE:
+                        coef = color.compose_blend(coef, int(op), float(d.factors[crop, op]))
+                    elif self.cfg.hue > 0:
+                        split, coef = coef, identity
+            if d.grayscale[crop]:
+                coef = color.grayscale_coef(coef)
+            if split is None:
+                before[row] = coef
+            else:
+                before[row], after[row] = split, coef
+        return before, after
+
+    def _jitter_fused(self, x: torch.Tensor, d: _Draws, crops: np.ndarray) -> torch.Tensor:
+        """Jitter + grayscale as: affine run, hue shift (one call for all crops), affine run."""
+        before, after = self._affine_runs(d, crops)
+        if (before != (1.0, 0.0, 0.0)).any():
+            color.apply_affine(x, torch.from_numpy(before.astype(np.float32)))
+        rows = np.flatnonzero(d.jitter[crops]) if self.cfg.hue > 0 else np.array([], dtype=np.int64)
+        if rows.size:
+            hi = rows[-1] + 1  # jittered crops come first in the table order
+            x[:hi] = color.adjust_hue(x[:hi], _per_crop(d.factors[crops[:hi], color.HUE]))
+        if (after != (1.0, 0.0, 0.0)).any():
+            color.apply_affine(x, torch.from_numpy(after.astype(np.float32)))
+        return x
+
+    def _jitter_every_op(self, x: torch.Tensor, d: _Draws, crops: np.ndarray) -> torch.Tensor:
+        """Four steps; at each, one clipped blend for the brightness/contrast/saturation crops, then hue."""
         n = len(crops)
         ops = d.order[crops]  # [n, 4]: op of each crop at each step
         blending = d.jitter[crops, None] & (ops != color.HUE)
@@ -268,11 +324,15 @@ class MultiCrop:
                 x[lo:hi] = color.adjust_hue(x[lo:hi], _per_crop(d.factors[crops[lo:hi], color.HUE]))
         return x
 
-    def _extras(self, x: torch.Tensor, d: _Draws, crops: np.ndarray, size: int) -> torch.Tensor:
-        """Grayscale, then blur, then solarize, each on the crops that drew it."""
+    def _photometric(self, x: torch.Tensor, d: _Draws, crops: np.ndarray, size: int) -> torch.Tensor:
+        """ColorJitter, grayscale, blur, solarize, each on the crops that drew it, in torchvision's order."""
         cfg = self.cfg
-        for row in np.flatnonzero(d.grayscale[crops]):
-            x[row] = color.to_grayscale(x[row])
+        if cfg.clip_after_every_jitter_op:
+            x = self._jitter_every_op(x, d, crops)
+            for row in np.flatnonzero(d.grayscale[crops]):
+                x[row] = color.to_grayscale(x[row])
+        else:
+            x = self._jitter_fused(x, d, crops)
         rows = np.flatnonzero(d.blur[crops])
         if rows.size:
             index = torch.from_numpy(rows)
@@ -287,12 +347,16 @@ class MultiCrop:
         """Views of one image: ``global_i`` uint8 [3,G,G], ``local_i`` uint8 [3,L,L], ``mask_i`` bool [N]."""
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"MultiCrop expects a uint8 [H, W, 3] image, got {image.dtype} {image.shape}")
-        img = Image.fromarray(np.ascontiguousarray(image))
-        d = self._draw(np.random.default_rng([self.seed, int(epoch), int(sample_index), 2]), img.width, img.height)
+        if not image.flags.writeable:
+            image = image.copy()  # torch refuses read-only buffers (e.g. Arrow-backed Ray Data cells)
+        source = torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0)  # [1, 3, H, W], channels-last, no copy
+        pil = Image.fromarray(np.ascontiguousarray(image)) if self.cfg.resize_backend == "pil" else None
+        height, width = image.shape[:2]
+        d = self._draw(np.random.default_rng([self.seed, int(epoch), int(sample_index), 2]), width, height)
         views: dict[str, np.ndarray] = {}
         for group, size in self._groups:
             crops = self._sorted_by_hue_step(d, group)
-            x = self._extras(self._jitter(self._table(img, d, crops, size), d, crops), d, crops, size)
+            x = self._photometric(self._table(source, pil, d, crops, size), d, crops, size)
             pixels = torch.empty((len(crops), 3, size, size), dtype=torch.uint8)
             pixels.copy_(x.round_().view(len(crops), 3, size, size))
             for row, crop in enumerate(crops):

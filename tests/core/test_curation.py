@@ -12,6 +12,7 @@ from dino_ray.curation import (
     ClusteringConfig,
     CurationConfig,
     DecontaminationConfig,
+    DedupConfig,
     IndexConfig,
     RetrievalConfig,
     SamplingConfig,
@@ -242,7 +243,7 @@ def test_resampling_moves_centroids_out_of_dense_region() -> None:
     """Vo et al.'s claim on a 2-D toy: plain k-means spends many centroids on a dense blob."""
     rng = np.random.default_rng(12)
     x = np.concatenate([rng.normal(0.0, 0.05, (4000, 2)), rng.uniform(-1.0, 1.0, (400, 2))]).astype(np.float32)
-    cfg = ClusteringConfig(n_clusters=(20,), n_resampling_steps=(0,), sample_size=(1,), n_iter=20)
+    cfg = ClusteringConfig(n_clusters=(20,), n_resampling_steps=(0,), sample_size=(1,), n_iter=20, spherical=False)
     in_blob = []
     for steps in (0, 10):
         result = resampled_kmeans(x, 20, steps, 5, cfg, np.random.default_rng(0))
@@ -376,6 +377,13 @@ def test_curate_arrays_with_steps_switched_off() -> None:
     )
     retrieved = curate_arrays(pool, retrieval_only, seed_set=seeds)
     assert set(retrieved.reason) == {"retrieved_sample"} and 0 < retrieved.keep.size <= 32
+    decontam_only = small_config(
+        dedup=DedupConfig(enabled=False), clustering=ClusteringConfig(enabled=False),
+        sampling=SamplingConfig(enabled=False), pool_selection="all",
+    )
+    decontaminated = curate_arrays(pool, decontam_only, eval_sets={"toy_eval": eval_x})
+    assert decontaminated.summary["n_duplicates_removed"] == 0
+    assert decontaminated.keep.size == pool.shape[0] - 3
 
 
 def test_bad_inputs_raise_clear_errors() -> None:
