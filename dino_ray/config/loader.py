@@ -101,6 +101,7 @@ def load_job(path: str | os.PathLike, overrides: Sequence[str] = ()):
     source = str(path) + (f" (with overrides {' '.join(overrides)})" if overrides else "")
     cfg = build(JobConfig, raw, "", source)
     cfg.sources = files
+    cfg.absolutize()
     cfg.check_inputs(source)
     return cfg
 

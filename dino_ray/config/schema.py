@@ -283,6 +283,24 @@ class JobConfig:
     def stage_names(self) -> tuple[str, ...]:
         return STAGE_NAMES
 
+    def absolutize(self, base: str | None = None) -> None:
+        """Make local paths absolute: Ray workers run in their own working directories."""
+        def fix(uri: str) -> str:
+            if not uri or storage.is_remote(uri) or uri in STAGE_NAMES:
+                return uri
+            return os.path.abspath(os.path.join(base or os.getcwd(), os.path.expanduser(uri)))
+
+        self.output_root = fix(self.output_root)
+        sources = [self.curate.pool, *self.curate.eval_sets, self.pretrain.data.source, self.highres.data.source,
+                   self.distill.data.source, *[d.train for d in self.eval.datasets], *[d.test for d in self.eval.datasets]]
+        if self.curate.seed_set is not None:
+            sources.append(self.curate.seed_set)
+        for src in sources:
+            src.uri = fix(src.uri)
+        self.curate.embed.checkpoint = fix(self.curate.embed.checkpoint)
+        self.distill.teacher = fix(self.distill.teacher)
+        self.eval.backbones = [fix(b) for b in self.eval.backbones]
+
     def check_inputs(self, source: str | None = None) -> None:
         """Input paths that must exist before any cluster work starts."""
         checks: list[tuple[str, str]] = []

@@ -67,7 +67,7 @@ def connected_components(n: int, src: np.ndarray, dst: np.ndarray) -> np.ndarray
     except ImportError:
         roots = union_find_components(n, src, dst)
     else:
-        graph = coo_matrix((np.ones(src.size, dtype=np.int8), (src, dst)), shape=(n, n)).tocsr()
+        graph = coo_matrix((np.ones(src.size, dtype=np.int32), (src, dst)), shape=(n, n)).tocsr()
         _, labels = scipy_components(graph, directed=True, connection="weak")
         smallest = np.full(labels.max() + 1 if n else 0, n, dtype=np.int64)
         np.minimum.at(smallest, labels, np.arange(n, dtype=np.int64))

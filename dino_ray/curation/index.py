@@ -34,7 +34,9 @@ def as_embeddings(x: np.ndarray, name: str, unit_norm: bool = True) -> np.ndarra
         norms = np.linalg.norm(arr, axis=1)
         worst = float(np.abs(norms - 1.0).max())
         if worst > _NORM_TOLERANCE:
-            raise ValueError(f"{name} must be L2-normalised rows (cosine = inner product); max |norm - 1| = {worst:.3g}")
+            raise ValueError(
+                f"{name} must be L2-normalised rows (cosine = inner product); max |norm - 1| = {worst:.3g}"
+            )
     return arr
 
 

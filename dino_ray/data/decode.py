@@ -17,6 +17,7 @@ Choices, stated once:
 from __future__ import annotations
 
 import io
+import json
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -238,6 +239,10 @@ class SkipReport:
             bucket.extend(uris[: max(0, out.max_samples - len(bucket))])
         return out
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "SkipReport":
+        return cls(d["n_inputs"], d["n_decoded"], dict(d["counts"]), {k: list(v) for k, v in d["samples"].items()})
+
     def to_dict(self) -> dict:
         return {"n_inputs": self.n_inputs, "n_decoded": self.n_decoded, "n_skipped": self.n_skipped,
                 "counts": dict(sorted(self.counts.items())), "samples": {k: list(v) for k, v in self.samples.items()}}
@@ -252,14 +257,19 @@ def decode_batch(batch: dict[str, np.ndarray], cfg: DecodeConfig | None = None) 
     """Decode a numpy batch of rows ``{id, uri, label, bytes}`` for Ray Data ``map_batches``.
 
     Every input row comes out (so counts stay exact): ``image`` holds the decoded array for good
-    rows and a 1x1 placeholder for bad ones, ``skip_reason`` is "" for good rows. The raw
-    ``bytes`` column is dropped here so encoded data is not carried further down the pipeline.
+    rows and a 1x1 placeholder for bad ones, ``skip_reason`` is "" for good rows. Rows that arrive
+    with a non-empty ``skip_reason`` (e.g. a manifest entry that could not be read) keep it. The
+    raw ``bytes`` column is dropped here so encoded data is not carried further down the pipeline.
     """
     cfg = cfg or DecodeConfig()
     n = len(batch["bytes"])
+    earlier = batch.get("skip_reason", [""] * n)
     images = np.empty(n, dtype=object)
     reasons = np.empty(n, dtype=object)
     for i, data in enumerate(batch["bytes"]):
+        if earlier[i]:
+            images[i], reasons[i] = _placeholder(), str(earlier[i])
+            continue
         try:
             images[i] = decode_image(_as_bytes(data), cfg.draft_size, cfg.max_pixels, cfg.min_size)
             reasons[i] = ""
@@ -267,10 +277,16 @@ def decode_batch(batch: dict[str, np.ndarray], cfg: DecodeConfig | None = None) 
             images[i], reasons[i] = _placeholder(), e.reason
         except Exception:  # noqa: BLE001 - a decoder bug on one file must not kill the batch
             images[i], reasons[i] = _placeholder(), "other"
-    out = {k: v for k, v in batch.items() if k != "bytes"}
+    out = {k: v for k, v in batch.items() if k not in ("bytes", "skip_reason")}
     out["image"] = images
     out["skip_reason"] = reasons.astype(str) if n else np.array([], dtype=str)
     return out
+
+
+def report_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One row per batch holding the JSON of its SkipReport (merged on the driver by ``merge``)."""
+    report = SkipReport.from_columns(batch["skip_reason"], batch["uri"])
+    return {"report": np.array([json.dumps(report.to_dict())], dtype=object)}
 
 
 def keep_decoded(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -66,12 +66,19 @@ class SourceConfig:
     # format="imagefolder".
     labels_from_folders: bool = False
 
-    def validate(self) -> "SourceConfig":
-        if not isinstance(self.uri, str) or not self.uri:
-            raise ValueError(f"SourceConfig.uri must be a non-empty string, got {self.uri!r}")
+    def validate(self, check_exists: bool = False) -> "SourceConfig":
+        """Static checks; ``check_exists`` also requires ``uri`` to be set and to exist (I/O).
+
+        Config loading validates without I/O: a job file may name a bucket only the cluster can
+        reach, or leave ``uri`` empty for the pipeline to fill in with an upstream stage's output.
+        """
+        if not isinstance(self.uri, str):
+            raise ValueError(f"SourceConfig.uri must be a string, got {self.uri!r}")
         if self.format not in FORMATS:
             raise ValueError(f"SourceConfig.format={self.format!r} is not one of {FORMATS}")
-        if not storage.exists(self.uri):
+        if check_exists and not self.uri:
+            raise ValueError("SourceConfig.uri is empty: set it to a folder, s3:// prefix, parquet or tar file")
+        if check_exists and not storage.exists(self.uri):
             raise FileNotFoundError(f"SourceConfig.uri={self.uri!r} does not exist")
         if self.max_images is not None and self.max_images < 1:
             raise ValueError(f"SourceConfig.max_images must be None or >= 1, got {self.max_images}")
@@ -127,7 +134,7 @@ def relative_id(uri: str, root: str) -> str:
 
 def scan(cfg: SourceConfig) -> Listing:
     """Validate ``cfg``, list its files and resolve "auto" (by names and, for parquet, the schema)."""
-    cfg.validate()
+    cfg.validate(check_exists=True)
     fs, path = storage.filesystem(cfg.uri)
     if fs.get_file_info(path).type == pafs.FileType.File:
         files, root = [cfg.uri], posixpath.dirname(path_of(cfg.uri))
@@ -395,3 +402,97 @@ def iter_rows(cfg: SourceConfig) -> Iterator[dict]:
             ref = by_id.get(tar_member_id(archive_uri, member, archives, listing.root))
             if ref is not None:
                 yield {"id": ref.id, "uri": ref.uri, "label": ref.label, "bytes": data}
+
+
+def read_image_bytes(uri: str) -> bytes:
+    """Bytes of one image ref URI: a file (local or s3://) or a tar member ``<archive>#<member>``."""
+    fs, path = storage.filesystem(uri)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        return storage.read_bytes(uri)
+    archive, sep, member = uri.rpartition("#")
+    if not sep or not is_tar(archive):
+        raise FileNotFoundError(f"no image file at {uri!r} (parquet rows are read with iter_parquet_rows)")
+    fs, path = storage.filesystem(archive)
+    with fs.open_input_file(path) as f, tarfile.open(fileobj=f, mode="r:*") as tar:
+        try:
+            handle = tar.extractfile(member)
+        except KeyError:
+            raise FileNotFoundError(f"no member {member!r} in the archive {archive!r}") from None
+        if handle is None:
+            raise FileNotFoundError(f"{member!r} in {archive!r} is not a regular file")
+        return handle.read()
+
+
+# ----------------------------------------------------------------------------------------------
+# Batch adapters for Ray Data ``map_batches`` (numpy batches in, rows ``{id, uri, label, bytes}`` out).
+# Pure functions, kept here so Data workers import nothing heavier than pyarrow and numpy.
+
+
+def _columns(rows: list[dict], extra: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    out = {k: np.array([r[k] for r in rows], dtype=object) for k in ("id", "uri", "bytes") + extra}
+    out["label"] = np.array([r["label"] for r in rows], dtype=np.int64)
+    return out
+
+
+def with_scheme(path: str, prefix: str) -> str:
+    """A filesystem path from Ray's ``path`` column as a URI (``s3://`` put back)."""
+    return prefix + path if prefix and not path.startswith(prefix) else path
+
+
+def rows_from_files(batch: dict[str, np.ndarray], root: str, prefix: str, classes: list[str]) -> dict[str, np.ndarray]:
+    """``read_binary_files`` rows (path, bytes): the id is the path relative to the source root."""
+    rows = []
+    for path, data in zip(batch["path"], batch["bytes"]):
+        uri = with_scheme(str(path), prefix)
+        image_id = relative_id(uri, root)
+        cls = folder_class(image_id) if classes else None
+        rows.append({"id": image_id, "uri": uri, "label": classes.index(cls) if cls is not None else -1, "bytes": data})
+    return _columns(rows)
+
+
+def rows_from_tar(batch: dict[str, np.ndarray], archives: list[str], root: str, prefix: str, classes: list[str],
+                  cfg: SourceConfig, keep: set[str] | None) -> dict[str, np.ndarray]:
+    """Whole archives (one per input row) expanded into one row per image member."""
+    rows = []
+    for path, data in zip(batch["path"], batch["bytes"]):
+        archive_uri = with_scheme(str(path), prefix)
+        for member, payload in iter_tar_members(bytes(data), cfg):
+            member_id = tar_member_id(archive_uri, member, archives, root)
+            if keep is not None and member_id not in keep:
+                continue
+            cls = folder_class(member_id) if classes else None
+            rows.append({"id": member_id, "uri": f"{archive_uri}#{member}",
+                         "label": classes.index(cls) if cls is not None else -1, "bytes": payload})
+    return _columns(rows)
+
+
+def rows_from_parquet(batch: dict[str, np.ndarray], cfg: SourceConfig, classes: list[str],
+                      keep: set[str] | None) -> dict[str, np.ndarray]:
+    """``read_parquet(include_paths=True)`` rows of a parquet source of image bytes."""
+    n = len(batch[cfg.image_column])
+    ids = batch[cfg.id_column] if cfg.id_column else [None] * n
+    labels = batch[cfg.label_column] if cfg.label_column else [None] * n
+    rows = [parquet_row(str(path), data, image_id, label, cfg, classes)
+            for path, data, image_id, label in zip(batch["path"], batch[cfg.image_column], ids, labels)]
+    return _columns([r for r in rows if keep is None or r["id"] in keep])
+
+
+def rows_from_manifest(batch: dict[str, np.ndarray], cfg: SourceConfig, base: str, classes: list[str],
+                       keep: set[str] | None) -> dict[str, np.ndarray]:
+    """Manifest rows with each image's bytes fetched; an unreadable file gets skip_reason "other"."""
+    n = len(batch[cfg.uri_column])
+    ids = batch[cfg.id_column] if cfg.id_column else [None] * n
+    labels = batch[cfg.label_column] if cfg.label_column else [None] * n
+    rows = []
+    for uri, image_id, label in zip(batch[cfg.uri_column], ids, labels):
+        full = resolve_uri(str(uri), base)
+        row_id = str(image_id) if cfg.id_column else full
+        if keep is not None and row_id not in keep:
+            continue
+        try:
+            data, reason = read_image_bytes(full), ""
+        except OSError:
+            data, reason = b"", "other"
+        rows.append({"id": row_id, "uri": full, "label": label_index(label, classes), "bytes": data,
+                     "skip_reason": reason})
+    return _columns(rows, extra=("skip_reason",))

@@ -1,0 +1,195 @@
+"""Robust decoding: every failure maps to its reason, every pixel mode to correct RGB, nothing is lost."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dino_ray.data.decode import (
+    SKIP_REASONS, DecodeConfig, DecodeError, SkipReport, decode_batch, decode_image, keep_decoded,
+)
+
+
+def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+def png_with_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width x height`` but whose pixel data is a few bytes."""
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module")
+def jpeg_bytes(imagenette_dir) -> bytes:
+    return sorted((imagenette_dir / "train").rglob("*.JPEG"))[0].read_bytes()
+
+
+def reason_of(data: bytes, **kwargs) -> str:
+    with pytest.raises(DecodeError) as info:
+        decode_image(data, **kwargs)
+    assert info.value.reason in SKIP_REASONS
+    return info.value.reason
+
+
+def test_real_jpeg_decodes_to_rgb_uint8(jpeg_bytes):
+    image = decode_image(jpeg_bytes)
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+    assert image.flags["C_CONTIGUOUS"] and image.std() > 10
+
+
+def test_failure_reasons(jpeg_bytes):
+    assert reason_of(b"") == "empty"
+    assert reason_of(b"this is a text file, not an image\n" * 20) == "not_an_image"
+    assert reason_of(np.random.default_rng(0).bytes(4000)) == "not_an_image"
+    assert reason_of(jpeg_bytes[: len(jpeg_bytes) // 2]) == "truncated"
+    assert reason_of(jpeg_bytes[:300]) == "truncated"
+    assert reason_of(encode(Image.new("RGB", (1, 5)), "PNG")) == "too_small"
+    assert reason_of(encode(Image.new("RGB", (3, 3)), "PNG"), min_size=4) == "too_small"
+
+
+def test_too_large_is_decided_from_the_header_before_decoding():
+    # The pixel data is missing: decoding would fail as "truncated". "too_large" proves the header
+    # check ran first. Both below and above PIL's own bomb limit.
+    assert reason_of(png_with_header_only(2000, 1000), max_pixels=1_000_000) == "too_large"
+    assert reason_of(png_with_header_only(100_000, 100_000)) == "too_large"
+    assert reason_of(png_with_header_only(2000, 1000), max_pixels=3_000_000) == "truncated"
+
+
+def test_max_pixels_is_per_call_not_global():
+    before = Image.MAX_IMAGE_PIXELS
+    ok = encode(Image.new("RGB", (40, 30), (10, 20, 30)), "PNG")
+    assert reason_of(ok, max_pixels=1000) == "too_large"
+    assert decode_image(ok, max_pixels=1200).shape == (30, 40, 3)
+    assert Image.MAX_IMAGE_PIXELS == before
+
+
+def test_cmyk_jpeg_becomes_rgb():
+    rgb = Image.new("RGB", (32, 24), (200, 40, 90))
+    out = decode_image(encode(rgb.convert("CMYK"), "JPEG", quality=95))
+    assert out.shape == (24, 32, 3)
+    assert np.abs(out.astype(int) - [200, 40, 90]).max() <= 6
+
+
+def test_alpha_is_composited_on_white():
+    rgba = np.zeros((4, 6, 4), dtype=np.uint8)
+    rgba[..., :3] = (0, 0, 255)
+    rgba[:, :2, 3] = 0  # fully transparent: hidden blue must not leak, white shows
+    rgba[:, 2:4, 3] = 255  # opaque: blue
+    rgba[:, 4:, 3] = 128  # half: blend
+    out = decode_image(encode(Image.fromarray(rgba, "RGBA"), "PNG"))
+    assert (out[:, :2] == 255).all()
+    assert (out[:, 2:4] == [0, 0, 255]).all()
+    assert np.abs(out[:, 4:].astype(int) - [127, 127, 255]).max() <= 1
+    la = Image.fromarray(np.stack([np.full((3, 3), 10, np.uint8), np.zeros((3, 3), np.uint8)], -1), "LA")
+    assert (decode_image(encode(la, "PNG")) == 255).all()
+
+
+def test_palette_images_with_and_without_transparency():
+    pal = Image.new("P", (5, 4))
+    pal.putpalette([0, 0, 0, 250, 10, 10, 10, 250, 10] + [0] * 759)
+    pixels = np.array([[1, 2, 1, 2, 0]] * 4, dtype=np.uint8)
+    pal.putdata(pixels.ravel().tolist())
+    out = decode_image(encode(pal, "PNG"))
+    assert (out[0, 0] == [250, 10, 10]).all() and (out[0, 1] == [10, 250, 10]).all()
+    out_t = decode_image(encode(pal, "PNG", transparency=0))
+    assert (out_t[:, 4] == 255).all() and (out_t[0, 0] == [250, 10, 10]).all()
+
+
+def test_16bit_png_is_scaled_not_clipped():
+    values = np.array([[0, 257, 32896, 65535]], dtype=np.uint16)
+    img = Image.fromarray(values)
+    assert img.mode.startswith("I;16")
+    out = decode_image(encode(img, "PNG"), min_size=1)
+    assert out.shape == (1, 4, 3)
+    assert out[0, :, 0].tolist() == [0, 1, 128, 255]
+    assert (out[..., 0] == out[..., 1]).all() and (out[..., 1] == out[..., 2]).all()
+
+
+def test_32bit_int_and_float_tiffs():
+    ints = Image.fromarray(np.array([[0, 65535], [257, 1000]], dtype=np.int32), "I")
+    assert decode_image(encode(ints, "TIFF"))[:, :, 0].tolist() == [[0, 255], [1, 4]]
+    wide = Image.fromarray(np.array([[-100, 100], [0, 300_000]], dtype=np.int32), "I")
+    out = decode_image(encode(wide, "TIFF"))[:, :, 0]
+    assert out.min() == 0 and out.max() == 255  # outside 16 bits: min-max scaled, order kept
+    floats = Image.fromarray(np.array([[0.0, 0.5], [1.0, 0.25]], dtype=np.float32), "F")
+    assert decode_image(encode(floats, "TIFF"))[:, :, 0].tolist() == [[0, 128], [255, 64]]
+
+
+def test_gray_and_bilevel_replicate_channels():
+    gray = decode_image(encode(Image.fromarray(np.array([[0, 100, 255]], np.uint8), "L"), "PNG"), min_size=1)
+    assert gray[0, :, 1].tolist() == [0, 100, 255] and (gray[..., 0] == gray[..., 2]).all()
+    bits = decode_image(encode(Image.new("1", (3, 2), 1), "PNG"))
+    assert (bits == 255).all()
+
+
+def test_exif_orientation_is_applied():
+    img = Image.new("RGB", (40, 20), (0, 0, 0))
+    img.paste((255, 255, 255), (0, 0, 10, 20))  # white band on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: display = rotate 90 degrees clockwise
+    out = decode_image(encode(img, "JPEG", exif=exif.tobytes(), quality=95))
+    assert out.shape == (40, 20, 3)
+    assert out[:8].mean() > 200 and out[-8:].mean() < 50  # the left band is now on top
+
+
+def test_draft_decodes_large_jpegs_smaller_but_not_below_the_draft_size():
+    rng = np.random.default_rng(0)
+    big = Image.fromarray(rng.integers(0, 255, (768, 1024, 3), dtype=np.uint8))
+    data = encode(big, "JPEG", quality=80)
+    assert decode_image(data).shape == (768, 1024, 3)
+    small = decode_image(data, draft_size=150)
+    assert 150 <= min(small.shape[:2]) < 768 and small.shape[0] * 4 == small.shape[1] * 3
+    assert decode_image(data, draft_size=1000).shape == (768, 1024, 3)
+
+
+def test_decode_config_validation():
+    DecodeConfig().validate()
+    with pytest.raises(ValueError, match="max_pixels"):
+        DecodeConfig(max_pixels=0).validate()
+    with pytest.raises(ValueError, match="min_size"):
+        DecodeConfig(min_size=0).validate()
+    with pytest.raises(ValueError, match="draft_size"):
+        DecodeConfig(draft_size=0).validate()
+    with pytest.raises(ValueError, match="MAX_IMAGE_PIXELS"):
+        DecodeConfig(max_pixels=10**12).validate()
+    with pytest.raises(ValueError, match="unknown skip reason"):
+        DecodeError("corrupt", "x")
+
+
+def test_decode_batch_keeps_every_row_and_counts_exactly(jpeg_bytes):
+    data = [jpeg_bytes, b"", b"not an image at all", jpeg_bytes[:500], encode(Image.new("L", (9, 7)), "PNG")]
+    batch = {"id": np.array([f"i{k}" for k in range(5)], dtype=object),
+             "uri": np.array([f"/x/{k}.jpg" for k in range(5)], dtype=object),
+             "label": np.arange(5, dtype=np.int64), "bytes": np.array(data, dtype=object)}
+    out = decode_batch(batch, DecodeConfig())
+    assert "bytes" not in out and len(out["skip_reason"]) == 5
+    assert out["skip_reason"].tolist() == ["", "empty", "not_an_image", "truncated", ""]
+    assert out["image"][4].shape == (7, 9, 3)
+    good = keep_decoded(out)
+    assert good["id"].tolist() == ["i0", "i4"] and good["label"].tolist() == [0, 4] and "skip_reason" not in good
+    report = SkipReport.from_columns(out["skip_reason"], out["uri"])
+    assert (report.n_inputs, report.n_decoded, report.n_skipped) == (5, 2, 3)
+    assert report.counts == {"empty": 1, "not_an_image": 1, "truncated": 1}
+    assert report.samples["truncated"] == ["/x/3.jpg"]
+
+
+def test_skip_report_merge_caps_samples_and_rejects_unknown_reasons():
+    a = SkipReport.from_columns(["empty"] * 15 + [""], [f"a{i}" for i in range(16)])
+    b = SkipReport.from_columns(["empty"] * 10 + ["too_small"], [f"b{i}" for i in range(11)])
+    merged = a.merge(b)
+    assert (merged.n_inputs, merged.n_decoded, merged.n_skipped) == (27, 1, 26)
+    assert merged.counts == {"empty": 25, "too_small": 1}
+    assert merged.samples["empty"] == [f"a{i}" for i in range(15)] + [f"b{i}" for i in range(5)]
+    assert merged.n_decoded + merged.n_skipped == merged.n_inputs
+    with pytest.raises(ValueError, match="unknown skip reason"):
+        SkipReport().add("corrupt", "x")
