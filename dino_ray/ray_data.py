@@ -23,22 +23,29 @@ import torch
 from dino_ray import storage
 from dino_ray.data.decode import DecodeConfig, SkipReport, decode_batch, keep_decoded, report_batch
 from dino_ray.data.masking import MaskingConfig
-from dino_ray.data.multicrop import MultiCrop, MultiCropConfig, normalize_batch, reduce_allocator_churn
+from dino_ray.data.allocator import reduce_allocator_churn
+from dino_ray.data.multicrop import MultiCrop, MultiCropConfig, normalize_batch
+from dino_ray.data.row_batches import rows_from_files, rows_from_manifest, rows_from_parquet, rows_from_tar
 from dino_ray.data.sources import (
-    Listing, SourceConfig, class_names, list_images, parquet_files, parquet_subset, path_of, rows_from_files,
-    rows_from_manifest, rows_from_parquet, rows_from_tar, scan, stable_index, tar_files,
+    Listing, SourceConfig, class_names, list_images, parquet_files, parquet_subset, path_of, scan, stable_index,
+    tar_files,
 )
 
 
 class ImageDataset(NamedTuple):
-    """Decoded images of a source, and how to account for the files that were skipped."""
+    """Decoded images of a source, and how to account for the files that were skipped.
+
+    ``skip_report()`` runs the decode once more (images are dropped right after it). For small
+    data, decode once instead: ``m = with_reasons.materialize()``, then ``skip_report(m)`` and
+    ``m.map_batches(keep_decoded, batch_format="numpy")``.
+    """
 
     dataset: ray.data.Dataset  # good rows only: id, uri, label, image (uint8 [H, W, 3], variable shape)
     with_reasons: ray.data.Dataset  # every input row, with its skip_reason ("" = decoded)
     class_names: list[str]
 
     def skip_report(self) -> SkipReport:
-        """Exact per-reason counts (one extra pass over the decode; images are dropped right away)."""
+        """Exact per-reason counts over every input row."""
         return skip_report(self.with_reasons)
 
 
@@ -51,7 +58,7 @@ def read_source(source: SourceConfig, *, num_cpus_per_task: float = 0.25, overri
     """Rows ``{id, uri, label, bytes}`` of any source as a Ray Dataset, and the class names.
 
     The file listing (and the ``max_images`` subset) is computed once on the driver; the per-batch
-    work is done by the pure adapters in ``dino_ray.data.sources``.
+    work is done by the pure adapters in ``dino_ray.data.row_batches``.
     """
     listing = listing or scan(source)
     classes = class_names(source, listing)

@@ -179,6 +179,8 @@ class EmbedConfig:
     # the pretrain stage's settings (useful for domains no public model knows). 0 = a checkpoint is required.
     bootstrap_iterations: int = bounded(0, ge=0)
     shard_size: int = bounded(4096, ge=1)  # images per embedding shard (the unit of resume)
+    center: bool = True  # subtract the pool mean before cosine comparisons (see stages/curate.py)
+    flip_invariant: bool = True  # embed an image and its mirror together: mirrored copies are copies
     model: ModelConfig = field(default_factory=lambda: ModelConfig(drop_path_rate=0.0))
     image_size: int = bounded(224, gt=0)
     batch_size: int = bounded(64, ge=1)

@@ -1,11 +1,12 @@
 """DINOv2 multi-crop: 2 global + 8 local views per image, plus iBOT masks, without torchvision.
 
-Cost model: each image is decoded once; each crop is ONE PIL ``resize(..., box=...)`` call (crop and
-bicubic resize fused, so only the needed source pixels are touched); all photometric ops then run as
-vectorised tensor ops over the stack of same-sized crops (``color.py``); crops leave as uint8 CHW
-(4x less to ship than float32), and ``normalize_batch`` turns a whole batch into normalised floats
-on the training device. Randomness comes from one numpy Generator seeded with
-``(seed, epoch, sample_index)``, so a sample's views are reproducible anywhere and differ per epoch.
+Cost model: each image is decoded once; each crop is ONE crop+resize call on a zero-copy view of
+its box (antialiased bicubic, PIL's filter; or PIL ``resize(..., box=...)`` itself), so only the
+needed source pixels are touched; all photometric ops then run as vectorised tensor ops over the
+stack of same-sized crops (``color.py``); crops leave as uint8 CHW (4x less to ship than float32),
+and ``normalize_batch`` turns a whole batch into normalised floats on the training device.
+Randomness comes from one numpy Generator seeded with ``(seed, epoch, sample_index)``, so a
+sample's views are reproducible anywhere and differ per epoch.
 """
 
 from __future__ import annotations
@@ -188,9 +189,13 @@ class MultiCrop:
 
     Crops of one size form one [n, 3, S*S] float table, so each photometric op is a few vectorised
     passes per image instead of a PIL round trip per crop and op. Each crop applies the four
-    ColorJitter ops in its own random order; within a table, crops are sorted by the step at which
-    they shift hue, so at every step the hue crops are one contiguous slice, while brightness,
-    contrast and saturation of all other crops are one blend with per-crop factors.
+    ColorJitter ops in its own random order. Brightness, contrast and saturation are affine in the
+    pixels, so the ops a crop applies before its hue shift are one affine map, and those after it
+    (plus grayscale) another: jitter costs two affine passes and one hue pass per table. Crops are
+    ordered by the step of their hue shift, which keeps the crops that shift hue contiguous, and
+    also serves ``clip_after_every_jitter_op``, which runs the four steps one by one.
+
+    Worker processes should call ``dino_ray.data.allocator.reduce_allocator_churn()`` once.
     """
 
     def __init__(self, cfg: MultiCropConfig, masking: MaskingConfig | None = None, seed: int = 0):
@@ -366,32 +371,6 @@ class MultiCrop:
             out[f"mask_{i}"] = (self.masks(epoch, sample_index, i) if self.masks is not None
                                 else np.zeros(self.cfg.num_patches, dtype=bool))
         return out
-
-
-def reduce_allocator_churn(threshold_bytes: int = 256 * 2**20) -> bool:
-    """Keep freed heap memory in this process instead of handing it back to the OS (glibc only).
-
-    The photometric ops allocate float temporaries of ~0.1-2 MB per op. Above glibc's (dynamic)
-    mmap / trim thresholds every such buffer is returned to the kernel on free and page-faulted in
-    again on the next allocation, which measured at about half of the photometric time. Raising
-    both thresholds makes the allocator reuse the memory. This is process-wide, so it is NOT done
-    on import or construction: data-worker processes call it once (the Ray Data actors and the
-    benchmark's DataLoader workers do). Returns False where glibc's ``mallopt`` is unavailable.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h> parameter numbers
-    return bool(mallopt(m_mmap_threshold, min(threshold_bytes, 32 * 2**20))) and bool(
-        mallopt(m_trim_threshold, threshold_bytes))
 
 
 def _per_step(values: np.ndarray, n: int) -> torch.Tensor:

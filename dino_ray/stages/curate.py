@@ -36,7 +36,8 @@ def _rows(source: Any) -> list[dict]:
 
 def _embed(name: str, source: Any, embedder: BackboneRef, job: Any, ctx: StageContext):
     cfg = job.curate.embed
-    spec = InferenceSpec(backbone=embedder, image_size=cfg.image_size, mode="embed", decode=job.curate.decode)
+    spec = InferenceSpec(backbone=embedder, image_size=cfg.image_size, mode="embed", decode=job.curate.decode,
+                         flip_invariant=cfg.flip_invariant)
     rows = _rows(source)
     if not rows:
         raise ValueError(f"curate: no images found for {name} at {source.uri}")
@@ -70,6 +71,21 @@ def _bootstrap_embedder(job: Any, ctx: StageContext) -> str:
                     output_dir=out, tracking_uri=ctx.tracking_uri, run_id=ctx.run_id)
     run_training(spec, ctx)
     return out
+
+
+def _centered(pool: np.ndarray, eval_sets: dict, seed_set: np.ndarray | None):
+    """Subtract the pool's mean embedding and re-normalise every set with it.
+
+    Early or small embedders put all images in a narrow cone (every pair above any cosine threshold);
+    removing the shared component spreads them out without changing who is near whom much.
+    """
+    mean = pool.mean(axis=0, keepdims=True)
+
+    def norm(x: np.ndarray) -> np.ndarray:
+        x = x - mean
+        return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+    return norm(pool), {k: norm(v) for k, v in eval_sets.items()}, None if seed_set is None else norm(seed_set)
 
 
 def _histogram_png(before: list[int], after: list[int]) -> bytes:
@@ -134,7 +150,10 @@ def run(job: Any, ctx: StageContext) -> StageResult:
         smeta, emb, _ = _embed("seed", cfg.seed_set, embedder, job, ctx)
         seed_set = emb[[not r for r in smeta["skip_reason"]]]
 
-    result = curate_arrays(pool[rows], cfg.curation, eval_sets or None, seed_set, seed=job.seed)
+    pool_x = pool[rows]
+    if cfg.embed.center:
+        pool_x, eval_sets, seed_set = _centered(pool_x, eval_sets, seed_set)
+    result = curate_arrays(pool_x, cfg.curation, eval_sets or None, seed_set, seed=job.seed)
     keep_rows = rows[result.keep]
     manifest_uri = ctx.path(MANIFEST)
     _write_manifest(manifest_uri, meta, result, keep_rows)

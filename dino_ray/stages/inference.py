@@ -46,6 +46,7 @@ class InferenceSpec:
     decode: Any  # DecodeConfig
     pixel_size: int = 32
     threads: int | None = None
+    flip_invariant: bool = False  # embed: CLS(x) + CLS(mirror(x)), so mirrored copies embed identically
 
 
 class FeatureMaker:
@@ -101,7 +102,10 @@ class FeatureMaker:
             x = torch.from_numpy(np.stack([eval_view(images[i], self.spec.image_size) for i in good]))
             if self.spec.mode == "embed":
                 with torch.inference_mode():
-                    cls = self.model.forward_features(x.to(self.device))["x_norm_clstoken"].float()
+                    x = x.to(self.device)
+                    cls = self.model(x).float()
+                    if self.spec.flip_invariant:
+                        cls = cls + self.model(x.flip(-1)).float()
                     feats["embedding"][good] = torch.nn.functional.normalize(cls, dim=-1).cpu().numpy()
             else:
                 from dino_ray.evals.features import extract_features
