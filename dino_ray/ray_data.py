@@ -208,9 +208,8 @@ def iter_ssl_batches(shard, batch_size: int, device: str | torch.device, crop_cf
                      drop_last: bool = True, prefetch_batches: int = 1) -> Iterator[dict[str, torch.Tensor]]:
     """Training batches from a multi-crop dataset or a Ray Train shard.
 
-    Yields ``normalize_batch`` output plus ``labels`` and ``sample_index`` [B] (row ``b`` of each).
-
-    Crops travel as uint8 and are normalised on ``device`` (4x less host-to-device traffic).
+    Yields ``normalize_batch`` output plus ``labels`` and ``sample_index`` [B] (of image ``b``).
+    Crops travel as uint8 and are normalised on ``device``: 4x less host-to-device traffic.
     """
     for batch in shard.iter_torch_batches(batch_size=batch_size, device=device, drop_last=drop_last,
                                           prefetch_batches=prefetch_batches):

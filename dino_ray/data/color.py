@@ -4,8 +4,9 @@ A stack of same-sized crops is one [n, 3, H*W] table, so each op is a few vector
 all crops at once; per-crop parameters are [n, 1, 1] tensors (or scalars). Semantics follow
 torchvision's ColorJitter / Grayscale / GaussianBlur / RandomSolarize: ITU-R 601-2 luma,
 brightness / contrast / saturation as blends with black / the crop's mean gray level / the gray
-image, hue shifted in HSV, reflect-padded separable Gaussian kernel, and values clamped to
-[0, 255] after every op as on uint8 images (rounding to uint8 happens once, at the end).
+image, hue shifted in HSV, reflect-padded separable Gaussian kernel. Each op clamps to [0, 255]
+as ops on uint8 images do (rounding to uint8 happens once, at the end); ``compose_blend`` and
+``apply_affine`` let a caller merge a run of blends into one pass, clamped once.
 """
 
 from __future__ import annotations

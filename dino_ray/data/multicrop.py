@@ -136,44 +136,51 @@ class MultiCropConfig:
         return math.ceil(worst)
 
 
-def random_resized_crop_box(
+def random_resized_crop_boxes(
     rng: np.random.Generator,
     width: int,
     height: int,
-    scale: tuple[float, float],
+    scales: np.ndarray,
     ratio: tuple[float, float],
     attempts: int = 10,
-) -> tuple[int, int, int, int]:
-    """(left, top, w, h) of a box covering a fraction ``U(scale)`` of the image, aspect log-uniform in ratio.
+) -> np.ndarray:
+    """[n, 4] int boxes (left, top, w, h), row i covering a fraction ~U(scales[i]) of the image.
 
-    torchvision's sampling rule: ten tries, then the largest centred box with a valid aspect.
+    torchvision's RandomResizedCrop rule, for n crops in a few vectorised draws: up to ``attempts``
+    (area fraction, log-uniform aspect) candidates per crop, the first that fits is kept, else the
+    largest centred box with an aspect inside ``ratio``.
     """
-    area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(attempts):
-        target = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
-            return left, top, w, h
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        w, h = int(round(height * ratio[1])), height
-    else:
-        w, h = width, height
-    return (width - w) // 2, (height - h) // 2, w, h
+    n = len(scales)
+    fraction = scales[:, :1] + (scales[:, 1:] - scales[:, :1]) * rng.random((n, attempts))
+    aspect = np.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1]), size=(n, attempts)))
+    target = width * height * fraction
+    w = np.rint(np.sqrt(target * aspect)).astype(np.int64)
+    h = np.rint(np.sqrt(target / aspect)).astype(np.int64)
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = np.argmax(fits, axis=1)
+    rows = np.arange(n)
+    w, h = w[rows, first], h[rows, first]
+    fallback = ~fits.any(axis=1)
+    if fallback.any():
+        in_ratio = width / height
+        if in_ratio < ratio[0]:
+            fw, fh = width, int(round(width / ratio[0]))
+        elif in_ratio > ratio[1]:
+            fw, fh = int(round(height * ratio[1])), height
+        else:
+            fw, fh = width, height
+        w[fallback], h[fallback] = fw, fh
+    left = rng.integers(0, width - w + 1)
+    top = rng.integers(0, height - h + 1)
+    left[fallback], top[fallback] = (width - w[fallback]) // 2, (height - h[fallback]) // 2
+    return np.stack([left, top, w, h], axis=1)
 
 
 @dataclass
 class _Draws:
     """Every random choice for the crops of one image, one row per crop (globals first)."""
 
-    boxes: list[tuple[int, int, int, int]]
+    boxes: np.ndarray  # [n, 4] int: left, top, width, height
     flip: np.ndarray  # [n] bool
     jitter: np.ndarray  # [n] bool: ColorJitter applied at all
     order: np.ndarray  # [n, 4] the crop's permutation of the four jitter ops
@@ -208,7 +215,7 @@ class MultiCrop:
         self._groups = [(np.arange(n_g), cfg.global_crops_size)]
         if n_l:
             self._groups.append((np.arange(n_g, n_g + n_l), cfg.local_crops_size))
-        self._scales = [cfg.global_crops_scale] * n_g + [cfg.local_crops_scale] * n_l
+        self._scales = np.array([cfg.global_crops_scale] * n_g + [cfg.local_crops_scale] * n_l, dtype=np.float64)
         cycle = np.arange(n_g)
         self._blur_p = np.concatenate([
             np.asarray(cfg.global_blur_probability)[cycle % len(cfg.global_blur_probability)],
@@ -220,7 +227,7 @@ class MultiCrop:
     def _draw(self, rng: np.random.Generator, width: int, height: int) -> _Draws:
         cfg = self.cfg
         n = len(self._names)
-        boxes = [random_resized_crop_box(rng, width, height, scale, cfg.aspect_ratio_range) for scale in self._scales]
+        boxes = random_resized_crop_boxes(rng, width, height, self._scales, cfg.aspect_ratio_range)
         strengths = np.array([cfg.brightness, cfg.contrast, cfg.saturation])
         factors = np.empty((n, 4))
         factors[:, :3] = rng.uniform(1.0 - strengths, 1.0 + strengths, size=(n, 3)).clip(min=0.0)
@@ -243,10 +250,9 @@ class MultiCrop:
         step[~d.jitter[crops]] = 4
         return crops[np.argsort(step, kind="stable")]
 
-    def _crop(self, source: torch.Tensor, pil: Image.Image | None, box: tuple[int, int, int, int],
-              size: int) -> torch.Tensor:
+    def _crop(self, source: torch.Tensor, pil: Image.Image | None, box: np.ndarray, size: int) -> torch.Tensor:
         """One crop box resized to size x size with one call: uint8 [3, size, size]."""
-        left, top, w, h = box
+        left, top, w, h = (int(v) for v in box)
         if pil is not None:
             view = pil.resize((size, size), self._resample, box=(left, top, left + w, top + h))
             return torch.from_numpy(np.array(view)).permute(2, 0, 1)  # np.array: torch wants writable memory
@@ -391,16 +397,22 @@ def normalize_batch(batch: dict[str, torch.Tensor], cfg: MultiCropConfig) -> dic
     float32 [n_g*B, 3, G, G], ``local_crops`` float32 [n_l*B, 3, L, L] (None without local crops),
     ``masks`` bool [n_g*B, N].
     """
-    globals_ = torch.cat([batch[f"global_{i}"] for i in range(cfg.global_crops_number)])
-    device = globals_.device
-    shift = torch.tensor(cfg.mean, dtype=torch.float32, device=device).reshape(1, 3, 1, 1) * 255.0
-    scale = torch.tensor(cfg.std, dtype=torch.float32, device=device).reshape(1, 3, 1, 1) * 255.0
+    globals_ = [f"global_{i}" for i in range(cfg.global_crops_number)]
+    locals_ = [f"local_{i}" for i in range(cfg.local_crops_number)]
+    return {
+        "global_crops": _stack_normalized(batch, globals_, cfg),
+        "local_crops": _stack_normalized(batch, locals_, cfg) if locals_ else None,
+        "masks": torch.cat([batch[f"mask_{i}"] for i in range(cfg.global_crops_number)]).to(torch.bool),
+    }
 
-    def norm(x: torch.Tensor) -> torch.Tensor:
-        return x.to(torch.float32).sub_(shift).div_(scale)
 
-    out = {"global_crops": norm(globals_), "local_crops": None,
-           "masks": torch.cat([batch[f"mask_{i}"] for i in range(cfg.global_crops_number)]).to(torch.bool)}
-    if cfg.local_crops_number:
-        out["local_crops"] = norm(torch.cat([batch[f"local_{i}"] for i in range(cfg.local_crops_number)]))
-    return out
+def _stack_normalized(batch: dict[str, torch.Tensor], names: list[str], cfg: MultiCropConfig) -> torch.Tensor:
+    """Copy the uint8 crops into one float tensor (conversion fused with the copy), then normalise in place."""
+    first = batch[names[0]]
+    b = first.shape[0]
+    out = torch.empty((len(names) * b, *first.shape[1:]), dtype=torch.float32, device=first.device)
+    for c, name in enumerate(names):
+        out[c * b: (c + 1) * b].copy_(batch[name])
+    std = torch.tensor(cfg.std, dtype=torch.float32, device=first.device).reshape(1, 3, 1, 1)
+    mean = torch.tensor(cfg.mean, dtype=torch.float32, device=first.device).reshape(1, 3, 1, 1)
+    return out.mul_(1.0 / (255.0 * std)).sub_(mean / std)  # (x / 255 - mean) / std

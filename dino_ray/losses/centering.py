@@ -128,3 +128,33 @@ class SoftmaxCentering(nn.Module):
             return  # e.g. an iBOT step without masked tokens: nothing to average
         batch_center = (summed / count).to(self.center.dtype).unsqueeze(0)
         self.center.mul_(self.momentum).add_(batch_center, alpha=1.0 - self.momentum)
+
+
+class CenteredTargets(nn.Module):
+    """What the DINO and iBOT losses share: a student temperature and the teacher's centering.
+
+    Holds the centering state (the EMA center for "softmax"), so the same instance must be used every
+    step and checkpointed with the training state.
+    """
+
+    def __init__(self, out_dim: int, student_temp: float = 0.1, centering: str = "sinkhorn_knopp",
+                 center_momentum: float = 0.9, sinkhorn_iterations: int = 3) -> None:
+        super().__init__()
+        from dino_ray.losses.config import check_centering
+
+        if student_temp <= 0:
+            raise ValueError(f"student_temp must be > 0, got {student_temp}")
+        self.out_dim = out_dim
+        self.student_temp = student_temp
+        self.centering = check_centering(centering)
+        self.sinkhorn_iterations = sinkhorn_iterations
+        self.softmax_centering = SoftmaxCentering(out_dim, center_momentum) if centering == "softmax" else None
+
+    @torch.no_grad()
+    def teacher_probs(self, teacher_logits: Tensor, teacher_temp: float) -> Tensor:
+        """Centred, sharpened teacher targets [M, K] (no grad); M may be 0 on some or all ranks."""
+        if teacher_logits.ndim != 2 or teacher_logits.shape[1] != self.out_dim:
+            raise ValueError(f"teacher logits must be [M, {self.out_dim}], got shape {tuple(teacher_logits.shape)}")
+        if self.softmax_centering is not None:
+            return self.softmax_centering(teacher_logits, teacher_temp)
+        return sinkhorn_knopp(teacher_logits, teacher_temp, self.sinkhorn_iterations)

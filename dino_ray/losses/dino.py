@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dino_ray.losses.centering import SoftmaxCentering, sinkhorn_knopp
-from dino_ray.losses.config import check_centering
+from dino_ray.losses.centering import CenteredTargets
 
 
 
@@ -51,40 +50,12 @@ def cross_entropy_to_targets(student_log_probs: Tensor, teacher_probs: Tensor) -
         return -(teacher_probs.detach().float() * student_log_probs).sum(dim=-1)
 
 
-class DINOLoss(nn.Module):
+class DINOLoss(CenteredTargets):
     """Cross-entropy between student CLS prototype scores and centred teacher targets.
 
     Holds the centering state (the EMA center for "softmax"), so the same instance must be used every
     step and checkpointed with the training state.
     """
-
-    def __init__(
-        self,
-        out_dim: int,
-        student_temp: float = 0.1,
-        centering: str = "sinkhorn_knopp",
-        center_momentum: float = 0.9,
-        sinkhorn_iterations: int = 3,
-    ) -> None:
-        super().__init__()
-        if student_temp <= 0:
-            raise ValueError(f"student_temp must be > 0, got {student_temp}")
-        self.out_dim = out_dim
-        self.student_temp = student_temp
-        self.centering = check_centering(centering)
-        self.sinkhorn_iterations = sinkhorn_iterations
-        self.softmax_centering = SoftmaxCentering(out_dim, center_momentum) if centering == "softmax" else None
-
-    @torch.no_grad()
-    def teacher_probs(self, teacher_cls_logits: Tensor, teacher_temp: float) -> Tensor:
-        """Centred, sharpened teacher targets [B, K] for all teacher crops at once (no grad)."""
-        if teacher_cls_logits.ndim != 2 or teacher_cls_logits.shape[1] != self.out_dim:
-            raise ValueError(
-                f"teacher_cls_logits must be [B, {self.out_dim}], got shape {tuple(teacher_cls_logits.shape)}"
-            )
-        if self.softmax_centering is not None:
-            return self.softmax_centering(teacher_cls_logits, teacher_temp)
-        return sinkhorn_knopp(teacher_cls_logits, teacher_temp, self.sinkhorn_iterations)
 
     def forward(
         self,

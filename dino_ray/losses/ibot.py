@@ -15,8 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from dino_ray.losses.centering import SoftmaxCentering, sinkhorn_knopp
-from dino_ray.losses.config import check_centering
+from dino_ray.losses.centering import CenteredTargets
 from dino_ray.losses.dino import cross_entropy_to_targets, student_log_probs
 
 
@@ -28,39 +27,12 @@ def masked_token_weights(masks: Tensor) -> Tensor:
     return (1.0 / per_image).expand_as(masks)[masks]
 
 
-class iBOTPatchLoss(nn.Module):  # noqa: N801 - the method's own spelling
+class iBOTPatchLoss(CenteredTargets):  # noqa: N801 - the method's own spelling
     """Cross-entropy between student masked-patch scores and centred teacher patch targets."""
 
-    def __init__(
-        self,
-        patch_out_dim: int,
-        student_temp: float = 0.1,
-        centering: str = "sinkhorn_knopp",
-        center_momentum: float = 0.9,
-        sinkhorn_iterations: int = 3,
-    ) -> None:
-        super().__init__()
-        if student_temp <= 0:
-            raise ValueError(f"student_temp must be > 0, got {student_temp}")
-        self.patch_out_dim = patch_out_dim
-        self.student_temp = student_temp
-        self.centering = check_centering(centering)
-        self.sinkhorn_iterations = sinkhorn_iterations
-        self.softmax_centering = (
-            SoftmaxCentering(patch_out_dim, center_momentum) if centering == "softmax" else None
-        )
-
-    @torch.no_grad()
-    def teacher_probs(self, teacher_patch_logits_masked: Tensor, teacher_temp: float) -> Tensor:
-        """Centred teacher targets [M, K] for the masked tokens (M may be 0 on some or all ranks)."""
-        logits = teacher_patch_logits_masked
-        if logits.ndim != 2 or logits.shape[1] != self.patch_out_dim:
-            raise ValueError(
-                f"teacher patch logits must be [M, {self.patch_out_dim}], got shape {tuple(logits.shape)}"
-            )
-        if self.softmax_centering is not None:
-            return self.softmax_centering(logits, teacher_temp)
-        return sinkhorn_knopp(logits, teacher_temp, self.sinkhorn_iterations)
+    @property
+    def patch_out_dim(self) -> int:
+        return self.out_dim
 
     def forward_masked(
         self,

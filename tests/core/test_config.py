@@ -74,7 +74,7 @@ def test_override_parsing():
     ("pretrain.model.drop_path_rate=1.5", r"pretrain\.model\.drop_path_rate: 1\.5 is out of range: must be < 1\.0"),
     ("pretrain.train.zero_stage=4", r"pretrain\.train\.zero_stage: 4 is out of range: must be <= 3"),
     ("stages=[pretrian]", r"unknown stage\(s\) \['pretrian'\]; did you mean 'pretrain'\?"),
-    ("pretrain.data.source.uri=/nonexistent/images", r"pretrain\.data\.source(\.uri)?: .*/nonexistent/images'? does not exist"),
+    ("pretrain.data.source.uri=/nonexistent/images", r"pretrain\.data\.source(\.uri)?: .*(input path does not exist: /nonexistent/images|/nonexistent/images'? does not exist)"),
     ("pretrain.train.precision=fp8", r"pretrain\.train\.precision: 'fp8' is not one of"),
 ])
 def test_bad_values_name_file_key_and_expectation(demo_inputs, override, message):

@@ -186,7 +186,7 @@ def test_dino_teacher_probs_sinkhorn_and_softmax():
 def test_dino_loss_rejects_bad_configuration():
     with pytest.raises(ValueError, match="centering"):
         DINOLoss(4, centering="kmeans")
-    with pytest.raises(ValueError, match=r"\[B, 4\]"):
+    with pytest.raises(ValueError, match=r"\[M, 4\], got shape \(3, 5\)"):
         DINOLoss(4).teacher_probs(torch.randn(3, 5), 0.05)
     with pytest.raises(ValueError, match="differ"):
         DINOLoss(4)([torch.randn(3, 4)], [torch.rand(2, 4)])

@@ -14,12 +14,22 @@ from PIL import Image, ImageEnhance
 from dino_ray.data import color
 from dino_ray.data.decode import decode_image
 from dino_ray.data.masking import MaskingConfig
-from dino_ray.data.multicrop import MultiCrop, MultiCropConfig, normalize_batch, random_resized_crop_box
+from dino_ray.data.multicrop import MultiCrop, MultiCropConfig, normalize_batch, random_resized_crop_boxes
 
 # Every photometric op off: crops are pure crop + resize (+ flip).
 GEOMETRY_ONLY = dict(color_jitter_probability=0.0, grayscale_probability=0.0, global_blur_probability=(0.0,),
                      local_blur_probability=0.0, global_solarize_probability=(0.0,))
 SMALL = dict(global_crops_size=56, local_crops_size=28, local_crops_number=4)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Data workers run single-threaded (parallelism is across workers); on a loaded 2-core box
+    multi-threaded small ops spin and stall."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -61,17 +71,34 @@ def test_deterministic_and_different_across_epochs_indices_and_seeds(photo):
         assert (ref["global_0"] != other["global_0"]).any() and (ref["local_0"] != other["local_0"]).any()
 
 
-def test_random_resized_crop_box_honours_scale_and_ratio():
+def test_random_resized_crop_boxes_honour_scale_and_ratio():
     rng = np.random.default_rng(0)
-    for scale in ((0.32, 1.0), (0.05, 0.32)):
-        for _ in range(500):
-            left, top, w, h = random_resized_crop_box(rng, 300, 200, scale, (3 / 4, 4 / 3))
-            assert 0 <= left and left + w <= 300 and 0 <= top and top + h <= 200
-            assert scale[0] * 0.95 <= w * h / 60000 <= scale[1] * 1.05
-            assert 3 / 4 * 0.9 <= w / h <= 4 / 3 * 1.1
+    scales = np.array([(0.32, 1.0), (0.05, 0.32)] * 500)
+    boxes = random_resized_crop_boxes(rng, 300, 200, scales, (3 / 4, 4 / 3))
+    left, top, w, h = boxes.T
+    assert boxes.dtype == np.int64 and boxes.shape == (1000, 4)
+    assert (left >= 0).all() and (left + w <= 300).all() and (top >= 0).all() and (top + h <= 200).all()
+    fraction = w * h / 60000
+    assert (fraction >= scales[:, 0] * 0.95).all() and (fraction <= scales[:, 1] * 1.05).all()
+    assert (w / h >= 3 / 4 * 0.9).all() and (w / h <= 4 / 3 * 1.1).all()
+    # same distribution as torchvision's sequential rule (written out plainly here)
+    ref_rng, reference = np.random.default_rng(1), []
+    for lo, hi in scales:
+        for _ in range(10):
+            target, aspect = 60000 * ref_rng.uniform(lo, hi), math.exp(ref_rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+            rw, rh = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+            if 0 < rw <= 300 and 0 < rh <= 200:
+                reference.append(rw * rh / 60000)
+                break
+        else:
+            reference.append(np.nan)  # fallback box: left out of the comparison
+    reference = np.array(reference)
+    assert abs(fraction[::2].mean() - np.nanmean(reference[::2])) < 0.02
+    assert abs(fraction[1::2].mean() - np.nanmean(reference[1::2])) < 0.01
+    assert len(set(left[::2])) > 20 and len(set(top[1::2])) > 20  # positions vary
     # impossible aspect (a 1000 x 10 strip): falls back to the largest centred box with a valid ratio
-    left, top, w, h = random_resized_crop_box(rng, 1000, 10, (0.9, 1.0), (3 / 4, 4 / 3))
-    assert (h, w) == (10, 13) and left == (1000 - 13) // 2
+    strip = random_resized_crop_boxes(rng, 1000, 10, np.array([(0.9, 1.0)]), (3 / 4, 4 / 3))
+    assert strip.tolist() == [[(1000 - 13) // 2, 0, 13, 10]]
 
 
 def test_crop_scale_is_honoured_on_an_image_with_known_content():

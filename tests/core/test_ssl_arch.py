@@ -180,7 +180,7 @@ def test_distillation_from_a_bigger_frozen_teacher_and_head_mismatch():
     assert student.backbone.patch_embed.proj.weight.grad is not None
 
     wrong_teacher = _teacher_of(_model(_cfg(dino_out_dim=32, ibot_out_dim=32), seed=4))
-    with pytest.raises(ValueError, match=r"\[B, 64\]"):
+    with pytest.raises(ValueError, match=r"\[M, 64\], got shape \(16, 32\)"):
         _step(student, wrong_teacher, objective, batch)
 
 
