@@ -1,5 +1,8 @@
 """Lazy package exports (PEP 562): a package can list its public names without importing torch or
-faiss, so that importing one of its torch-free config modules stays cheap."""
+faiss, so that importing one of its torch-free config modules stays cheap.
+
+A name that is also a submodule of the package cannot be exported this way: importing the
+submodule sets the package attribute, which shadows the lazy lookup."""
 
 from __future__ import annotations
 

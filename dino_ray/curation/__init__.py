@@ -2,80 +2,55 @@
 
 Pure numpy/faiss on L2-normalised float32 embeddings; no Ray and no I/O. faiss uses the thread
 count its caller set (`faiss.omp_set_num_threads`); nothing here changes global state.
+
+Exports resolve lazily, so ``dino_ray.curation.config`` (read by the job config) needs no faiss.
 """
 
-from .config import (
-    ClusteringConfig,
-    CurationConfig,
-    DecontaminationConfig,
-    DedupConfig,
-    IndexConfig,
-    RetrievalConfig,
-    SamplingConfig,
-)
-from .dedup import (
-    DecontaminationResult,
-    DedupResult,
-    connected_components,
-    decontaminate,
-    self_dedup,
-    union_find_components,
-)
-from .index import as_embeddings, build_index, index_kind, measure_recall, search
-from .kmeans import (
-    HierarchicalKMeansResult,
-    KMeansResult,
-    assign,
-    hierarchical_kmeans,
-    kmeans,
-    kmeans_plus_plus,
-    kmeans_with_config,
-    resampled_kmeans,
-)
-from .knn_graph import KnnEdges, KnnGraph, graph_recall, knn_edges, knn_graph
-from .plan import REASONS, CurationResult, curate_arrays
-from .retrieval import RetrievalResult, retrieve_by_cluster, retrieve_nearest
-from .sampling import BalancedSample, balanced_sample, water_fill
+from __future__ import annotations
 
-__all__ = [
-    "REASONS",
-    "BalancedSample",
-    "ClusteringConfig",
-    "CurationConfig",
-    "CurationResult",
-    "DecontaminationConfig",
-    "DecontaminationResult",
-    "DedupConfig",
-    "DedupResult",
-    "HierarchicalKMeansResult",
-    "IndexConfig",
-    "KMeansResult",
-    "KnnEdges",
-    "KnnGraph",
-    "RetrievalConfig",
-    "RetrievalResult",
-    "SamplingConfig",
-    "as_embeddings",
-    "assign",
-    "balanced_sample",
-    "build_index",
-    "connected_components",
-    "curate_arrays",
-    "decontaminate",
-    "hierarchical_kmeans",
-    "index_kind",
-    "kmeans",
-    "kmeans_plus_plus",
-    "kmeans_with_config",
-    "graph_recall",
-    "knn_edges",
-    "knn_graph",
-    "measure_recall",
-    "resampled_kmeans",
-    "retrieve_by_cluster",
-    "retrieve_nearest",
-    "search",
-    "self_dedup",
-    "union_find_components",
-    "water_fill",
-]
+from dino_ray._lazy import lazy_exports
+
+_EXPORTS = {
+    "BalancedSample": "sampling",
+    "ClusteringConfig": "config",
+    "CurationConfig": "config",
+    "CurationResult": "plan",
+    "DecontaminationConfig": "config",
+    "DecontaminationResult": "dedup",
+    "DedupConfig": "config",
+    "DedupResult": "dedup",
+    "HierarchicalKMeansResult": "kmeans",
+    "IndexConfig": "config",
+    "KMeansResult": "kmeans",
+    "KnnEdges": "knn_graph",
+    "KnnGraph": "knn_graph",
+    "REASONS": "plan",
+    "RetrievalConfig": "config",
+    "RetrievalResult": "retrieval",
+    "SamplingConfig": "config",
+    "as_embeddings": "index",
+    "assign": "kmeans",
+    "balanced_sample": "sampling",
+    "build_index": "index",
+    "connected_components": "dedup",
+    "curate_arrays": "plan",
+    "decontaminate": "dedup",
+    "graph_recall": "knn_graph",
+    "hierarchical_kmeans": "kmeans",
+    "index_kind": "index",
+    "kmeans": "kmeans",
+    "kmeans_plus_plus": "kmeans",
+    "kmeans_with_config": "kmeans",
+    "knn_edges": "knn_graph",
+    "measure_recall": "index",
+    "resampled_kmeans": "kmeans",
+    "retrieve_by_cluster": "retrieval",
+    "retrieve_nearest": "retrieval",
+    "search": "index",
+    "self_dedup": "dedup",
+    "union_find_components": "dedup",
+    "water_fill": "sampling",
+}
+
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -8,6 +8,7 @@ import faiss
 import numpy as np
 import pytest
 
+from dino_ray.curation.knn_graph import knn_graph  # a submodule of the same name shadows a lazy export
 from dino_ray.curation import (
     ClusteringConfig,
     CurationConfig,
@@ -25,7 +26,6 @@ from dino_ray.curation import (
     graph_recall,
     index_kind,
     knn_edges,
-    knn_graph,
     measure_recall,
     resampled_kmeans,
     retrieve_by_cluster,
