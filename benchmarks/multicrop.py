@@ -36,9 +36,9 @@ import torch
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
+from dino_ray.data.allocator import reduce_allocator_churn
 from dino_ray.data.decode import DecodeConfig, decode_image
 from dino_ray.data.masking import MaskGenerator, MaskingConfig
-from dino_ray.data.allocator import reduce_allocator_churn
 from dino_ray.data.multicrop import MultiCrop, MultiCropConfig, normalize_batch
 
 DATA_TAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenette-224-subset.tar"

@@ -42,6 +42,9 @@ class StageSpec:
     name: str
     entry: str | Callable[..., "StageResult"]  # "package.module:function", imported only when the stage runs
     needs: Callable[[Any], Sequence[str]] = lambda cfg: ()
+    # Sub-folders that survive a change of the stage's key (content-addressed caches); everything else
+    # in the stage folder is removed first, so a changed stage never resumes stale training state.
+    keep_on_change: tuple[str, ...] = ()
 
     def load(self) -> Callable[..., "StageResult"]:
         if callable(self.entry):
@@ -173,6 +176,7 @@ class Pipeline:
                    tokens: dict[str, str], tracker: "_Tracker") -> dict[str, Any]:
         name = spec.name
         stage_dir = self.stage_dir(name)
+        self._reset_if_changed(spec, key, stage_dir)
         storage.makedirs(stage_dir)
         run_id = tracker.stage_run(name, key, stage_dir)
         section = to_dict(getattr(self.job, name, None))
@@ -202,6 +206,16 @@ class Pipeline:
         storage.write_json(storage.join(stage_dir, MANIFEST), manifest)
         tracking.set_status(tracker.uri, run_id, "FINISHED")
         return manifest
+
+    @staticmethod
+    def _reset_if_changed(spec: StageSpec, key: str, stage_dir: str) -> None:
+        """Same key: a retry, keep everything (checkpoints to resume). New key: start clean."""
+        record_uri = storage.join(stage_dir, RUN_RECORD)
+        if storage.exists(record_uri) and storage.read_json(record_uri).get("key") == key:
+            return
+        for uri in storage.list_children(stage_dir):
+            if uri.rstrip("/").rsplit("/", 1)[-1] not in spec.keep_on_change:
+                storage.delete(uri)
 
     def _ensure_ray_tagged(self, tracker: "_Tracker", run_id: str) -> Callable[[], None]:
         def ensure() -> None:

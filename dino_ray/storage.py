@@ -126,6 +126,14 @@ def list_files(uri: str, recursive: bool = True) -> list[str]:
     return sorted(prefix + i.path for i in infos if i.type == pafs.FileType.File)
 
 
+def list_children(uri: str) -> list[str]:
+    """Direct children (files and folders) of a folder URI; empty when it does not exist."""
+    fs, path = filesystem(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+    prefix = "s3://" if uri.startswith("s3://") else ""
+    return sorted(prefix + i.path for i in infos)
+
+
 def download_dir(uri: str, local_dir: str) -> str:
     """Copy a directory tree to a local folder (a no-op returning ``uri`` for local paths)."""
     if not is_remote(uri):

@@ -157,13 +157,13 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
     if mode == "P" and "transparency" in img.info:
         mode = "PA"
     if mode == "RGB":
-        return np.asarray(img, dtype=np.uint8)
+        return np.array(img, dtype=np.uint8)  # a writable copy (np.asarray of a PIL image is read-only)
     if mode in _ALPHA_MODES or mode == "PA":
         return _composite_on_white(img)
     if mode in _WIDE_GRAY_MODES:
         return _wide_to_uint8(img)
     if mode in _DIRECT_RGB_MODES:
-        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+        return np.array(img.convert("RGB"), dtype=np.uint8)
     raise DecodeError("unsupported_mode", f"pixel mode {img.mode!r} has no RGB conversion here")
 
 
@@ -173,7 +173,7 @@ def decode_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     min_size: int = 2,
 ) -> np.ndarray:
-    """Decode one encoded image to a C-contiguous ``uint8 [H, W, 3]`` RGB array, or raise DecodeError."""
+    """Decode one encoded image to a writable C-contiguous ``uint8 [H, W, 3]`` RGB array, or raise DecodeError."""
     img = _open(data, max_pixels)
     w, h = img.size
     if min(w, h) < min_size:

@@ -50,9 +50,10 @@ class MultiCropConfig:
     saturation: float = 0.2  # factor ~ U[0.8, 1.2]
     hue: float = 0.1  # shift ~ U[-0.1, 0.1] turns of the colour wheel
     # torchvision clips to [0, 255] after each jitter op (they act on uint8 images). By default a
-    # run of brightness / contrast / saturation ops is applied as one exact affine map clipped once
-    # (clipping is the only difference: ~0.6 gray levels mean absolute difference on Imagenette
-    # crops) at about half the cost; True reproduces the clip after every op.
+    # run of brightness / contrast / saturation ops is applied as one exact affine map clipped once,
+    # at about half the cost; clipping is the only difference (measured over all views of 75
+    # Imagenette images: 0.27 gray levels mean absolute difference, 1% of values off by > 8).
+    # True reproduces the clip after every op.
     clip_after_every_jitter_op: bool = False
     grayscale_probability: float = 0.2
     # Gaussian blur: kernel 9 taps, sigma ~ U[0.1, 2.0].

@@ -35,5 +35,5 @@ REGISTRY: dict[str, StageSpec] = {
     "pretrain": StageSpec("pretrain", "dino_ray.stages.pretrain:run", _pretrain_needs),
     "highres": StageSpec("highres", "dino_ray.stages.highres:run", _highres_needs),
     "distill": StageSpec("distill", "dino_ray.stages.distill:run", _distill_needs),
-    "eval": StageSpec("eval", "dino_ray.stages.eval:run", _eval_needs),
+    "eval": StageSpec("eval", "dino_ray.stages.eval:run", _eval_needs, keep_on_change=("features",)),
 }

@@ -186,7 +186,9 @@ def evaluate(cand: Candidate, ds_cfg: Any, job: Any, ctx: StageContext) -> tuple
     knn = knn_classify(train_x["cls_1"], train_y, test_x["cls_1"], test_y, ks=tuple(cfg.knn.ks),
                        temperature=cfg.knn.temperature)
     results.update({f"knn_{k}": v for k, v in knn["metrics"].items()})
-    layouts = [(1, False)] if cand.ref is None else [(n, p) for n in cfg.linear.n_last_blocks for p in cfg.linear.avgpool]
+    blocks = sum(1 for k in train_x if k.startswith("cls_"))
+    layouts = [(1, False)] if cand.ref is None else [
+        (n, p) for n in cfg.linear.n_last_blocks for p in cfg.linear.avgpool if n <= blocks]
     if cfg.linear_enabled:
         sweep = f"linear-{ds_cfg.name}-{cand.name.replace('/', '_')}-{cand.cache_key}"
         results.update(linear_sweep(sweep, train_shards, test_shards, layouts, job, ctx))

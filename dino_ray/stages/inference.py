@@ -96,7 +96,9 @@ class FeatureMaker:
                     np.asarray(_square(images[i], self.spec.pixel_size * 2)) for i in good]), self.spec.pixel_size)
             return {**out, **feats}
         d = self.model.embed_dim
-        keys = ["embedding"] if self.spec.mode == "embed" else [f"{p}_{i}" for p in ("cls", "avgpool") for i in (1, 2, 3, 4)]
+        blocks = min(4, len(self.model.blocks))  # DINOv2 probes read the last 4 blocks; small students have fewer
+        keys = ["embedding"] if self.spec.mode == "embed" else [
+            f"{p}_{i}" for p in ("cls", "avgpool") for i in range(1, blocks + 1)]
         feats = {k: np.zeros((n, d), np.float32) for k in keys}
         if good:
             x = torch.from_numpy(np.stack([eval_view(images[i], self.spec.image_size) for i in good]))
@@ -110,7 +112,7 @@ class FeatureMaker:
             else:
                 from dino_ray.evals.features import extract_features
 
-                got = extract_features(self.model, x, n_last_blocks=4)
+                got = extract_features(self.model, x, n_last_blocks=blocks)
                 for k in keys:
                     feats[k][good] = got[k]
         return {**out, **feats}

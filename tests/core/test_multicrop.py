@@ -131,8 +131,9 @@ def test_flip_mirrors_the_same_crop(photo):
         assert np.abs(always[name].astype(int) - never[name][..., ::-1]).max() <= 1
 
 
-def test_grayscale_makes_channels_equal(photo):
-    cfg = MultiCropConfig(**SMALL, grayscale_probability=1.0)
+@pytest.mark.parametrize("clip_every_op", [False, True])
+def test_grayscale_makes_channels_equal(photo, clip_every_op):
+    cfg = MultiCropConfig(**SMALL, grayscale_probability=1.0, clip_after_every_jitter_op=clip_every_op)
     out = MultiCrop(cfg, None, seed=0)(photo, 0, 0)
     for name in (k for k in out if not k.startswith("mask")):
         assert (out[name][0] == out[name][1]).all() and (out[name][1] == out[name][2]).all()

@@ -151,3 +151,20 @@ def test_mlflow_nesting_on_real_server(job, mlflow_server):
     Pipeline(job, REGISTRY).run()
     again = json.loads(open(os.path.join(job.output_root, "_pipeline.json")).read())["parent_run_id"]
     assert again == parent
+
+
+def test_changed_stage_starts_clean_but_a_retry_keeps_its_files(job):
+    Pipeline(job, REGISTRY).run()
+    leftover = os.path.join(job.output_root, "b", "checkpoint_from_old_config")
+    storage.write_bytes(leftover, b"stale")
+    job.b.value = 5  # new key: stale state must not be resumed
+    Pipeline(job, REGISTRY).run()
+    assert not storage.exists(leftover)
+    job.c.fail = True
+    with pytest.raises(StageFailed):
+        Pipeline(job, REGISTRY).run()
+    partial = os.path.join(job.output_root, "c", "partial_checkpoint")
+    storage.write_bytes(partial, b"resume me")
+    with pytest.raises(StageFailed):
+        Pipeline(job, REGISTRY).run()  # same config: a retry of the same key keeps its files
+    assert storage.exists(partial)
