@@ -18,7 +18,7 @@ from dino_ray.config.typed import ConfigError, bounded
 from dino_ray.curation.config import CurationConfig
 from dino_ray.data.decode import DecodeConfig
 from dino_ray.data.masking import MaskingConfig
-from dino_ray.data.multicrop import MultiCropConfig
+from dino_ray.data.crop_config import MultiCropConfig
 from dino_ray.data.sources import SourceConfig
 from dino_ray.evals.config import LinearGridConfig
 from dino_ray.losses.config import LossConfig

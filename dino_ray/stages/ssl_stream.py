@@ -51,17 +51,23 @@ class CropMaker:
 
     def __init__(self, spec: StreamSpec, data_cfg: Any):
         import pyarrow.parquet as pq
+        import torch
 
         from dino_ray import storage
+        from dino_ray.data.allocator import reduce_allocator_churn
         from dino_ray.data.multicrop import MultiCrop
+
+        # Many small crops per image: one thread per actor (scale with actors) and fewer page faults.
+        torch.set_num_threads(1)
+        reduce_allocator_churn()
 
         fs, path = storage.filesystem(spec.index_uri)
         self.uris = pq.read_table(path, filesystem=fs, columns=["uri"]).column("uri").to_pylist()
         self.spec = spec
         self.decode_cfg = data_cfg.decode
-        # JPEGs much larger than the crops decode at a reduced size (PIL draft): global crops are cut
-        # from at least this many pixels per side.
-        self.draft_size = data_cfg.decode.draft_size or data_cfg.crops.global_crops_size
+        # JPEGs much larger than the crops decode at a reduced size (PIL draft), but never so small that
+        # the smallest crop would be upsampled.
+        self.draft_size = data_cfg.decode.draft_size or data_cfg.crops.min_source_size()
         self.multicrop = MultiCrop(data_cfg.crops, data_cfg.masking, seed=spec.seed)
         self._perms: dict[int, np.ndarray] = {}
         self.skipped = 0
