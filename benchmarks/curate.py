@@ -87,14 +87,15 @@ def ours_config():
 def run_ours(x: np.ndarray, labels: np.ndarray, pairs: np.ndarray, seed: int) -> dict:
     from dino_ray.curation import curate_arrays
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     result = curate_arrays(x, ours_config(), seed=seed)
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     s = result.summary
     clean = result.cluster_ids[:, 0] >= 0
     head = _head_centres(labels, N_GROUPS * CENTRES_PER_GROUP)
     return {
         "wall_s": round(wall, 2),
+        "cpu_s": round(cpu, 2),
         "embeddings_per_s": round(x.shape[0] / wall, 1),
         "timings_s": s["timings_s"],
         "index_type": s["index_type"],
@@ -119,7 +120,7 @@ def run_baseline(x: np.ndarray, seed: int) -> dict:
     from dino_ray.curation import ClusteringConfig, balanced_sample, connected_components, knn_edges
 
     cfg = ours_config()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     index = faiss.IndexFlatIP(x.shape[1])
     index.add(x)
     edges = knn_edges(index, x, cfg.dedup.k, cfg.dedup.threshold)
@@ -131,9 +132,10 @@ def run_baseline(x: np.ndarray, seed: int) -> dict:
     _, assignment = km.index.search(x[keep], 1)
     target = round(cfg.sampling.target_fraction * keep.size)
     balanced_sample(assignment[:, 0], target, strategy="flat", seed=seed)
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     removed = np.setdiff1d(np.arange(x.shape[0]), keep)
-    return {"wall_s": round(wall, 2), "embeddings_per_s": round(x.shape[0] / wall, 1), "removed": removed}
+    return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "embeddings_per_s": round(x.shape[0] / wall, 1),
+            "removed": removed}
 
 
 def worker(mode: str, n: int, threads: int, rounds: int) -> dict:
@@ -160,6 +162,8 @@ def worker(mode: str, n: int, threads: int, rounds: int) -> dict:
             baseline_embeddings_per_s=best_base["embeddings_per_s"],
             ours_wall_s=[d["wall_s"] for d in ours_runs],
             baseline_wall_s=[d["wall_s"] for d in base_runs],
+            ours_cpu_s=[d["cpu_s"] for d in ours_runs],
+            baseline_cpu_s=[d["cpu_s"] for d in base_runs],
             ours_timings_s=best_ours["timings_s"],
             knn_graph_recall_at_64=best_ours["knn_graph_recall_at_64"],
             dedup_removed_exact=int(exact_removed.size),
@@ -168,6 +172,7 @@ def worker(mode: str, n: int, threads: int, rounds: int) -> dict:
                 float(np.isin(exact_removed, ivf_removed).mean()) if exact_removed.size else 1.0, 4),
         )
     out["max_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    out["load_avg_1m"] = round(os.getloadavg()[0], 2)
     return out
 
 

@@ -128,8 +128,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
         if "auth" in str(e).lower() or "token" in str(e).lower():
             hint = " (the cluster uses token auth: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN or ~/.ray/auth_token)"
         raise SystemExit(f"dino-ray submit: cannot reach the Ray job server at {args.address}: {e}{hint}") from e
-    sid = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=args.submission_id,
-                            metadata={"dino_ray.job": job_path, "dino_ray.name": job.name})
+    sid = _submit_with_retry(client, entrypoint=entrypoint, runtime_env=runtime_env,
+                             submission_id=args.submission_id,
+                             metadata={"dino_ray.job": job_path, "dino_ray.name": job.name})
     print(f"[dino-ray] submitted {sid}: {entrypoint}", flush=True)
     if args.no_wait:
         return 0
@@ -137,6 +138,18 @@ def cmd_submit(args: argparse.Namespace) -> int:
     status = _wait(client, sid)
     print(f"[dino-ray] job {sid} finished: {status}", flush=True)
     return 0 if status == JobStatus.SUCCEEDED else 1
+
+
+def _submit_with_retry(client, timeout_s: float = 120.0, **kwargs) -> str:
+    """A freshly started head answers before its job agent is up ("No available agent"): retry that."""
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            return client.submit_job(**kwargs)
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.time() > deadline:
+                raise
+            time.sleep(2)
 
 
 def _stream_logs(client, sid: str) -> None:
@@ -166,7 +179,14 @@ def _wait(client, sid: str, poll_s: float = 1.0):
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("DINO_RAY_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # Overrides may come before or after options (`submit JOB --address URL a.b=1`): collect the
+    # key=value tokens argparse leaves over.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [t for t in extra if t.startswith("-") or "=" not in t]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = [*args.overrides, *extra]
     try:
         _split_args(args)
         return {"run": cmd_run, "validate": cmd_validate, "submit": cmd_submit}[args.command](args)

@@ -14,7 +14,7 @@ import faiss
 import numpy as np
 
 from .config import ClusteringConfig
-from .index import as_embeddings
+from .index import as_embeddings, single_threaded_blas
 from .sampling import take_per_group
 
 _MAX_FAISS_SEED = 2**31 - 1
@@ -119,7 +119,8 @@ def kmeans(
         rng = np.random.default_rng(seed)
         n_init = min(x.shape[0], max(init_sample_size, 2 * k))
         rows = np.sort(rng.choice(x.shape[0], size=n_init, replace=False))
-        init_centroids = kmeans_plus_plus(x[rows], k, rng)
+        with single_threaded_blas():  # skinny products: threads only add spin-waits
+            init_centroids = kmeans_plus_plus(x[rows], k, rng)
     km.train(x, init_centroids=init_centroids)
     centroids = np.ascontiguousarray(km.centroids, dtype=np.float32)
     assignment, distance = assign(x, centroids, spherical)

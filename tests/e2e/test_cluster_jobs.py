@@ -37,35 +37,63 @@ def _cluster_pids(marker: str) -> list[int]:
     return pids
 
 
+def _stop(markers: list[str]) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in set(pid for m in markers for pid in _cluster_pids(m)):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        time.sleep(2)
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     temp = tempfile.mkdtemp(prefix="dray_")  # short: Ray's socket paths have a length limit
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    # Ray >= 2.59 starts clusters with token auth; every node and client must send the token.
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token")
     env.pop("RAY_ADDRESS", None)
     gcs, dash = free_port(), free_port()
+    markers = [temp, f"127.0.0.1:{gcs}"]
     ray_bin = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
-    subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-                    "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                    "--num-cpus=2", f"--temp-dir={temp}", "--disable-usage-stats"],
-                   check=True, env=env, capture_output=True, timeout=180)
-    subprocess.run([ray_bin, "start", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1",
-                    "--num-cpus=2", '--resources={"data_node": 1}', "--disable-usage-stats"],
-                   check=True, env=env, capture_output=True, timeout=180)
-    address = f"http://127.0.0.1:{dash}"
-    yield {"address": address, "env": env, "ray": ray_bin}
-    pids = _cluster_pids(temp) + _cluster_pids(f"127.0.0.1:{gcs}")
-    for pid in set(pids):
+    try:
+        for cmd in ([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+                     "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                     "--num-cpus=2", f"--temp-dir={temp}", "--disable-usage-stats",
+                     # other Ray instances on this machine (the session's own) hold the default agent port
+                     f"--dashboard-agent-listen-port={free_port()}"],
+                    [ray_bin, "start", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1",
+                     "--num-cpus=2", '--resources={"data_node": 1}', "--disable-usage-stats",
+                     f"--dashboard-agent-listen-port={free_port()}"]):
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+            assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        address = f"http://127.0.0.1:{dash}"
+        _wait_until_jobs_run(address)
+        yield {"address": address, "env": env, "ray": ray_bin}
+    finally:
+        _stop(markers)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _wait_until_jobs_run(address: str, timeout_s: float = 180) -> None:
+    """The job server answers before its agent can start jobs: wait for a trivial job to succeed."""
+    os.environ["RAY_AUTH_MODE"] = "token"  # this test process is a client of the token-auth cluster
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    deadline = time.time() + timeout_s
+    while True:
         try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    time.sleep(2)
-    for pid in set(_cluster_pids(temp) + _cluster_pids(f"127.0.0.1:{gcs}")):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    shutil.rmtree(temp, ignore_errors=True)
+            client = JobSubmissionClient(address)
+            sid = client.submit_job(entrypoint="echo ready")
+            break
+        except Exception:  # noqa: BLE001 - not ready yet
+            if time.time() > deadline:
+                raise
+            time.sleep(2)
+    while client.get_job_status(sid) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        if time.time() > deadline:
+            raise TimeoutError("the cluster's first job did not finish")
+        time.sleep(1)
 
 
 def tiny_pretrain(images: Path, out: Path) -> list[str]:
@@ -76,19 +104,12 @@ def tiny_pretrain(images: Path, out: Path) -> list[str]:
             "pretrain.train.batch_size_per_worker=8"]
 
 
-def _client_env(cluster) -> dict:
-    env = dict(cluster["env"])
-    env["RAY_AUTH_MODE"] = "token" if Path("~/.ray/auth_token").expanduser().exists() else env.get(
-        "RAY_AUTH_MODE", "disabled")
-    return env
-
-
 def test_ray_job_submit_runs_the_job_yaml(ray_cluster, cifar10_dir, tmp_path):
     out = tmp_path / "cli"
     proc = subprocess.run(
         [ray_cluster["ray"], "job", "submit", "--address", ray_cluster["address"], "--working-dir", str(REPO),
          "--", "jobs/pretrain.yaml", *tiny_pretrain(cifar10_dir / "train", out)],
-        cwd=REPO, env=_client_env(ray_cluster), capture_output=True, text=True, timeout=900)
+        cwd=REPO, env=ray_cluster["env"], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "succeeded" in proc.stdout.lower()
     manifest = json.loads((out / "pretrain" / "_manifest.json").read_text())
