@@ -222,7 +222,7 @@ def main() -> None:
         "details": {
             "comparison": (f"n={sizes[0]}, interleaved in one process, best of {rounds}; ours = IVF index "
                            "(nlist 4 sqrt(N), nprobe 16) + list-blocked GEMM k=64 graph + components dedup + "
-                           "3-level hierarchical k-means (1000/100/10, resampling 0/10/10, k-means++ on 8192 "
+                           "3-level spherical hierarchical k-means (1000/100/10, resampling 3/10/10, k-means++ on 8192 "
                            "points) + hierarchical sampling of 10%; baseline = exact IndexFlatIP k=64 graph + "
                            "components + flat faiss k-means (k=1000, random init, all points) + flat sampling; "
                            "both 25 Lloyd iterations"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dino_ray import storage
 from dino_ray.pipeline import StageContext, StageResult
 from dino_ray.stages.train_loop import LoopSpec, StudentSpec
-from dino_ray.stages.training import index_for, run_training
+from dino_ray.stages.training import index_for, log_backbone, run_training
 
 TEACHER_STAGES = ("highres", "pretrain")
 
@@ -27,6 +27,8 @@ def run(job, ctx: StageContext) -> StageResult:
         spec.output_dir = storage.join(out, cfg.students[0].name)
     value = run_training(spec, ctx)
     outputs = {f"student/{s.name}": storage.join(out, s.name) for s in cfg.students}
+    for s in cfg.students:
+        log_backbone(ctx, outputs[f"student/{s.name}"], s.name)
     return StageResult(outputs={**outputs, "train_state": ctx.path("ray_train")},
                        summary={"images": n_images, "steps": value["final_step"], "students": len(cfg.students),
                                 "teacher": teacher})

@@ -10,7 +10,7 @@ import dataclasses
 
 from dino_ray.pipeline import StageContext, StageResult
 from dino_ray.stages.train_loop import LoopSpec, StudentSpec
-from dino_ray.stages.training import index_for, run_training
+from dino_ray.stages.training import index_for, log_backbone, run_training
 
 
 def run(job, ctx: StageContext) -> StageResult:
@@ -23,5 +23,6 @@ def run(job, ctx: StageContext) -> StageResult:
                     output_dir=out, tracking_uri=ctx.tracking_uri, run_id=ctx.run_id,
                     init_from=ctx.input("pretrain", "backbone"))
     value = run_training(spec, ctx)
+    log_backbone(ctx, out, "teacher")
     return StageResult(outputs={"backbone": out, "train_state": ctx.path("ray_train")},
                        summary={"images": n_images, "steps": value["final_step"], "img_size": cfg.img_size})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dino_ray.pipeline import StageContext, StageResult
 from dino_ray.stages.train_loop import LoopSpec, StudentSpec
-from dino_ray.stages.training import index_for, run_training
+from dino_ray.stages.training import index_for, log_backbone, run_training
 
 
 def run(job, ctx: StageContext) -> StageResult:
@@ -15,5 +15,6 @@ def run(job, ctx: StageContext) -> StageResult:
                     schedule=cfg.schedule, train=cfg.train, data=cfg.data, index_uri=index_uri, n_images=n_images,
                     seed=job.seed, output_dir=out, tracking_uri=ctx.tracking_uri, run_id=ctx.run_id)
     value = run_training(spec, ctx)
+    log_backbone(ctx, out, "teacher")
     return StageResult(outputs={"backbone": out, "train_state": ctx.path("ray_train")},
                        summary={"images": n_images, "steps": value["final_step"]})

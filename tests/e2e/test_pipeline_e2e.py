@@ -67,6 +67,8 @@ def test_whole_pipeline_local_then_skip_then_partial_rerun(ray_session, demo_dat
     pretrain_run = next(r for r in children if r.info.run_name == "pretrain")
     steps = [m.step for m in client.get_metric_history(pretrain_run.info.run_id, "total_loss")]
     assert steps == list(range(1, job.pretrain.schedule.total_iters + 1))
+    exported = {a.path for a in client.list_artifacts(pretrain_run.info.run_id, "backbones/teacher")}
+    assert exported == {"backbones/teacher/backbone.pth", "backbones/teacher/backbone.json"}
     artifacts = {a.path for a in client.list_artifacts(eval_run.info.run_id)}
     assert "comparison.md" in artifacts and "pictures" in artifacts
 
