@@ -38,7 +38,6 @@ _EXPORTS = {
     "graph_recall": "knn_graph",
     "hierarchical_kmeans": "kmeans",
     "index_kind": "index",
-    "kmeans": "kmeans",
     "kmeans_plus_plus": "kmeans",
     "kmeans_with_config": "kmeans",
     "knn_edges": "knn_graph",

@@ -159,8 +159,8 @@ def run(job: Any, ctx: StageContext) -> StageResult:
     _write_manifest(manifest_uri, meta, result, keep_rows)
 
     s = result.summary
-    before = list(s.get("cluster_sizes_before", []))
-    after = list(s.get("cluster_sizes_after", []))
+    before = [int(v) for v in s.get("cluster_counts_before", [])]
+    after = [int(v) for v in s.get("cluster_counts_after", [])]
     summary = {
         "pool_files": int(len(meta["uri"])), "pool_decoded": int(ok.sum()),
         "pool_skipped": int((~ok).sum()), "skipped_by_reason": dict(reasons),
@@ -168,7 +168,7 @@ def run(job: Any, ctx: StageContext) -> StageResult:
                         for r in reasons},
         "embedded_this_run": computed, "embedder": checkpoint,
         "duplicates_removed": s.get("n_duplicates_removed", 0), "decontaminated": s.get("n_decontaminated", 0),
-        "kept": int(len(keep_rows)), "index": s.get("index_kind"), "index_recall": s.get("recall"),
+        "kept": int(len(keep_rows)), "index": s.get("index_type"), "index_recall": s.get("index_recall"),
         "cluster_sizes_before": before, "cluster_sizes_after": after,
         "kept_by_reason": s.get("n_kept_by_reason", {}), "timings_s": s.get("timings_s", {}),
     }
