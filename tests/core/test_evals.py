@@ -31,16 +31,6 @@ from dino_ray.evals.report import comparison_table, html_report, markdown_report
 from dino_ray.evals.retrieval import retrieval_metrics
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """These problems are tiny: on a shared 2-core box OpenMP barriers, not FLOPs, dominate (a
-    grid step measured 16x slower with 2 threads under load). Restored after each test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def clusters(n: int, num_classes: int, dim: int, spread: float, seed: int):
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(num_classes, dim)) * 3.0

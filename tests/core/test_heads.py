@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from dino_ray.models.heads import DINOHead, WeightNormLinear
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models are op-overhead bound: a second OpenMP thread only adds sync cost on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 
 def test_keys_and_shapes_match_dinov2_heads():

@@ -13,15 +13,6 @@ from dino_ray.models import ARCHS, build_backbone, interpolate_pos_embed_state_d
 from dino_ray.models.layers import TokenGroups, kept_samples, subset_residual
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models are op-overhead bound: a second OpenMP thread only adds sync cost on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 PATCH = 8
 
 

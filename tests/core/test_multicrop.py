@@ -22,16 +22,6 @@ GEOMETRY_ONLY = dict(color_jitter_probability=0.0, grayscale_probability=0.0, gl
 SMALL = dict(global_crops_size=56, local_crops_size=28, local_crops_number=4)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Data workers run single-threaded (parallelism is across workers); on a loaded 2-core box
-    multi-threaded small ops spin and stall."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def photo(imagenette_dir) -> np.ndarray:
     return decode_image(sorted((imagenette_dir / "train").rglob("*.JPEG"))[3].read_bytes())

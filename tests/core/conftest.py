@@ -1,0 +1,20 @@
+"""Core tests run tiny models: op overhead dominates, and a second OpenMP thread only adds sync cost
+on a busy two-core machine. One torch thread per test, restored afterwards."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    torch = sys.modules.get("torch")  # only tests that imported torch pay for it
+    if torch is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
