@@ -9,11 +9,12 @@ the small-cluster deadlocks described in ../shared/notes/ray-stack.md.
 from __future__ import annotations
 
 import os
-import socket
 import tarfile
 from pathlib import Path
 
 import pytest
+
+from testlib import SHARED_DATA, free_port
 
 # Set before anything imports ray / torch, so workers inherit them.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
@@ -22,16 +23,6 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:

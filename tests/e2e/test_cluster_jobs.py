@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, free_port
+from testlib import REPO, free_port
 
 pytestmark = pytest.mark.slow
 
