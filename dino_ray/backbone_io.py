@@ -39,6 +39,20 @@ def save_state_dict(state: dict[str, torch.Tensor], vit_config: dict[str, Any], 
     return out_dir
 
 
+def weights_key(uri: str) -> str:
+    """A short fingerprint of the exported weights at ``uri`` (path, size, mtime), so caches of what a
+    backbone computed are dropped when the file is replaced."""
+    import hashlib
+
+    import pyarrow.fs as pafs
+
+    fs, path = storage.filesystem(storage.join(uri, WEIGHTS))
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"no backbone weights at {uri}")
+    return hashlib.sha256(f"{uri}|{info.size}|{info.mtime_ns}".encode()).hexdigest()[:12]
+
+
 def read_meta(uri: str) -> dict[str, Any]:
     return storage.read_json(storage.join(uri, META))
 

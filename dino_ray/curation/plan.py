@@ -33,6 +33,10 @@ class CurationResult:
     reason: np.ndarray  # str [K], one of REASONS per kept index
     cluster_ids: np.ndarray  # int64 [N, L], -1 where a pool image was not clustered
     summary: dict = field(default_factory=dict)  # sizes, removals, balance, index, recall, timings
+    # Why each pool image was dropped before clustering: "" (it was not), "duplicate", "eval_copy".
+    # Users audit curation from this, so nothing disappears without a reason.
+    dropped: np.ndarray | None = None  # str [N]
+    duplicate_of: np.ndarray | None = None  # int64 [N]: the kept copy of a "duplicate", else -1
 
 
 def curate_arrays(
@@ -58,7 +62,8 @@ def curate_arrays(
             index = build_index(pool, cfg.index, seeds[0])
         with _timed(summary, "index_recall"):
             summary.update(_index_summary(pool, index, cfg, seeds[0]))
-    clean = _clean_pool(pool, index, eval_sets if decontaminating else {}, cfg, seeds[0], summary)
+    clean, dropped, duplicate_of = _clean_pool(pool, index, eval_sets if decontaminating else {}, cfg, seeds[0],
+                                               summary)
     clean_idx = np.flatnonzero(clean)
     summary["n_clean"] = int(clean_idx.size)
     tree, cluster_ids = _cluster(pool, clean_idx, cfg, seeds[1], summary)
@@ -84,7 +89,8 @@ def curate_arrays(
     summary["n_selected_by_step"] = {name: int(idx.size) for name, idx in picked}
     summary["n_kept_by_reason"] = {name: int((reason == name).sum()) for name in REASONS}
     summary["n_kept"] = int(keep.size)
-    return CurationResult(keep=keep, reason=reason, cluster_ids=cluster_ids, summary=summary)
+    return CurationResult(keep=keep, reason=reason, cluster_ids=cluster_ids, summary=summary, dropped=dropped,
+                          duplicate_of=duplicate_of)
 
 
 def _clean_pool(
@@ -94,10 +100,13 @@ def _clean_pool(
     cfg: CurationConfig,
     seed: int,
     summary: dict,
-) -> np.ndarray:
-    """Mask of pool images that survive self-dedup and decontamination (one shared k-NN graph)."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mask of pool images that survive self-dedup and decontamination (one shared k-NN graph), with
+    the drop reason of the others and, for duplicates, the copy that was kept."""
     n = pool.shape[0]
     clean = np.ones(n, dtype=bool)
+    dropped = np.full(n, "", dtype=object)
+    duplicate_of = np.full(n, -1, dtype=np.int64)
     propagating = bool(eval_sets) and cfg.decontamination.propagate
     edges = None
     if cfg.dedup.enabled or propagating:
@@ -110,15 +119,21 @@ def _clean_pool(
         summary["n_graph_edges"] = int(edges.src.size)
     if cfg.dedup.enabled:
         with _timed(summary, "dedup"):
-            clean &= self_dedup(edges, cfg.dedup.threshold).keep
+            dedup = self_dedup(edges, cfg.dedup.threshold)
+        clean &= dedup.keep
+        representative = np.full(int(dedup.component.max()) + 1, -1, dtype=np.int64)
+        representative[dedup.component[dedup.keep]] = np.flatnonzero(dedup.keep)
+        duplicate_of[~dedup.keep] = representative[dedup.component[~dedup.keep]]
+        dropped[~dedup.keep] = "duplicate"
     summary["n_duplicates_removed"] = int(n - clean.sum())
     summary["n_decontaminated"] = 0
     if eval_sets:
         with _timed(summary, "decontamination"):
             removed = _decontaminate(index, eval_sets, edges, cfg, summary)
         summary["n_decontaminated"] = int((clean & removed).sum())
+        dropped[clean & removed] = "eval_copy"
         clean &= ~removed
-    return clean
+    return clean, dropped, duplicate_of
 
 
 def _cluster(

@@ -31,7 +31,8 @@ def _eval_needs(job) -> list[str]:
 
 
 REGISTRY: dict[str, StageSpec] = {
-    "curate": StageSpec("curate", "dino_ray.stages.curate:run", _curate_needs),
+    "curate": StageSpec("curate", "dino_ray.stages.curate:run", _curate_needs,
+                        keep_on_change=("bootstrap", "embeddings")),
     "pretrain": StageSpec("pretrain", "dino_ray.stages.pretrain:run", _pretrain_needs),
     "highres": StageSpec("highres", "dino_ray.stages.highres:run", _highres_needs),
     "distill": StageSpec("distill", "dino_ray.stages.distill:run", _distill_needs),

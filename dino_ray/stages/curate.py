@@ -6,7 +6,8 @@ domain no public model knows can bootstrap its own: with no checkpoint and
 pool with the pretrain machinery and embeds with that.
 
 Output: ``manifest.parquet`` (uri, id, source, label, cluster ids at every level, why kept) that the
-training stages read directly, the embeddings (parquet shards, reused on a re-run), a cluster-size
+training stages read directly, ``dropped.parquet`` (every other pool file: why it went, and for a
+duplicate the copy that was kept), the embeddings (parquet shards, reused on a re-run), a cluster-size
 histogram, and the summary figures in the stage manifest and MLflow.
 """
 
@@ -20,12 +21,14 @@ from typing import Any
 
 import numpy as np
 
-from dino_ray import feature_store, storage, tracking
+from dino_ray import backbone_io, feature_store, storage, tracking
+from dino_ray.config.loader import config_hash
 from dino_ray.pipeline import StageContext, StageResult
 from dino_ray.stages.inference import BackboneRef, InferenceSpec, run_inference
 
 log = logging.getLogger("dino_ray.curate")
 MANIFEST = "manifest.parquet"
+DROPPED = "dropped.parquet"  # every pool file not in the manifest, with why
 
 
 def _rows(source: Any) -> list[dict]:
@@ -41,7 +44,10 @@ def _embed(name: str, source: Any, embedder: BackboneRef, job: Any, ctx: StageCo
     rows = _rows(source)
     if not rows:
         raise ValueError(f"curate: no images found for {name} at {source.uri}")
-    shards, computed = run_inference(rows, spec, ctx.path("embeddings", name), num_actors=cfg.num_actors,
+    # Cached per (embedder weights, embedding settings, source): re-running with other curation
+    # settings reuses them; a new embedder or source embeds afresh.
+    key = config_hash({"weights": backbone_io.weights_key(embedder.uri), "spec": spec, "source": source})
+    shards, computed = run_inference(rows, spec, ctx.path("embeddings", f"{name}-{key}"), num_actors=cfg.num_actors,
                                      cpus_per_actor=cfg.cpus_per_actor, gpus_per_actor=cfg.gpus_per_actor,
                                      batch_size=cfg.batch_size, shard_size=cfg.shard_size)
     meta, feats = feature_store.read_features(shards)
@@ -55,14 +61,16 @@ def _bootstrap_embedder(job: Any, ctx: StageContext) -> str:
 
     cfg = job.curate.embed
     pre = job.pretrain
-    data = dataclasses.replace(pre.data, source=job.curate.pool)
+    data = dataclasses.replace(pre.data, source=job.curate.pool, crops=_bootstrap_crops(pre.data.crops, cfg.model))
     schedule = dataclasses.replace(pre.schedule, total_iters=cfg.bootstrap_iterations,
                                    warmup_iters=min(pre.schedule.warmup_iters, cfg.bootstrap_iterations // 5),
                                    warmup_teacher_temp_iters=min(pre.schedule.warmup_teacher_temp_iters,
                                                                  cfg.bootstrap_iterations // 2),
                                    freeze_last_layer_iters=min(pre.schedule.freeze_last_layer_iters,
                                                                cfg.bootstrap_iterations // 10))
-    out = ctx.path("bootstrap", "teacher")
+    # Keyed by everything that shapes the embedder, so changing only curation settings keeps it.
+    out = ctx.path("bootstrap", config_hash({"model": cfg.model, "pretrain": [pre.loss, pre.train], "data": data,
+                                             "schedule": schedule, "seed": job.seed}))
     if storage.exists(storage.join(out, "backbone.json")):
         return out
     index_uri, n = index_for("curate", data, ctx, None)
@@ -71,6 +79,14 @@ def _bootstrap_embedder(job: Any, ctx: StageContext) -> str:
                     output_dir=out, tracking_uri=ctx.tracking_uri, run_id=ctx.run_id)
     run_training(spec, ctx)
     return out
+
+
+def _bootstrap_crops(crops: Any, model: Any) -> Any:
+    """The pretrain crops, rescaled to the embedder: global crops at its image size, local crops at the
+    same fraction of it as in pretraining, both on its patch grid (iBOT masks are drawn on that grid)."""
+    p, g = model.patch_size, model.img_size
+    local = max(p, round(g * crops.local_crops_size / crops.global_crops_size / p) * p)
+    return dataclasses.replace(crops, patch_size=p, global_crops_size=g, local_crops_size=local)
 
 
 def _centered(pool: np.ndarray, eval_sets: dict, seed_set: np.ndarray | None):
@@ -129,6 +145,32 @@ def _write_manifest(uri: str, meta: dict, result: Any, keep_rows: np.ndarray) ->
     storage.write_bytes(uri, buf.getvalue())
 
 
+def _write_dropped(uri: str, meta: dict, rows: np.ndarray, result: Any, keep_rows: np.ndarray) -> dict[str, int]:
+    """Account for every pool file missing from the manifest; returns counts by reason."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    uris = [str(u) for u in meta["uri"]]
+    why = [str(r) for r in meta["skip_reason"]]  # decode failures first: never embedded
+    of = [""] * len(uris)
+    for j, i in enumerate(rows):
+        if result.dropped is not None and result.dropped[j]:
+            why[i] = str(result.dropped[j])
+            if result.duplicate_of[j] >= 0:
+                of[i] = uris[rows[result.duplicate_of[j]]]
+        elif not why[i]:
+            why[i] = "not_sampled"
+    for i in keep_rows:
+        why[i] = ""
+    out = [i for i, w in enumerate(why) if w]
+    table = pa.table({"uri": [uris[i] for i in out], "id": [str(meta["id"][i]) for i in out],
+                      "why": [why[i] for i in out], "duplicate_of": [of[i] for i in out]})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    storage.write_bytes(uri, buf.getvalue())
+    return dict(Counter(why[i] for i in out))
+
+
 def run(job: Any, ctx: StageContext) -> StageResult:
     from dino_ray.curation.plan import curate_arrays
 
@@ -157,6 +199,7 @@ def run(job: Any, ctx: StageContext) -> StageResult:
     keep_rows = rows[result.keep]
     manifest_uri = ctx.path(MANIFEST)
     _write_manifest(manifest_uri, meta, result, keep_rows)
+    dropped_by_reason = _write_dropped(ctx.path(DROPPED), meta, rows, result, keep_rows)
 
     s = result.summary
     before = [int(v) for v in s.get("cluster_counts_before", [])]
@@ -168,7 +211,8 @@ def run(job: Any, ctx: StageContext) -> StageResult:
                         for r in reasons},
         "embedded_this_run": computed, "embedder": checkpoint,
         "duplicates_removed": s.get("n_duplicates_removed", 0), "decontaminated": s.get("n_decontaminated", 0),
-        "kept": int(len(keep_rows)), "index": s.get("index_type"), "index_recall": s.get("index_recall"),
+        "kept": int(len(keep_rows)), "dropped_by_reason": dropped_by_reason,
+        "index": s.get("index_type"), "index_recall": s.get("index_recall"),
         "cluster_sizes_before": before, "cluster_sizes_after": after,
         "kept_by_reason": s.get("n_kept_by_reason", {}), "timings_s": s.get("timings_s", {}),
     }
@@ -181,7 +225,8 @@ def run(job: Any, ctx: StageContext) -> StageResult:
     log.info("curate: %d files, %d decoded, %d skipped %s, %d duplicates, %d decontaminated, %d kept",
              summary["pool_files"], summary["pool_decoded"], summary["pool_skipped"], dict(reasons),
              summary["duplicates_removed"], summary["decontaminated"], summary["kept"])
-    return StageResult(outputs={"manifest": manifest_uri, "embeddings": ctx.path("embeddings"),
+    return StageResult(outputs={"manifest": manifest_uri, "dropped": ctx.path(DROPPED),
+                                "embeddings": ctx.path("embeddings"),
                                 "embedder": checkpoint}, summary=summary)
 
 

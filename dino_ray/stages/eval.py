@@ -35,29 +35,19 @@ class Candidate:
     cache_key: str
 
 
-def _file_key(uri: str) -> str:
-    import pyarrow.fs as pafs
-
-    fs, path = storage.filesystem(storage.join(uri, backbone_io.WEIGHTS))
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"no backbone weights at {uri}")
-    return hashlib.sha256(f"{uri}|{info.size}|{info.mtime_ns}".encode()).hexdigest()[:12]
-
-
 def candidates(job: Any, ctx: StageContext) -> list[Candidate]:
     cfg = job.eval
     found: list[Candidate] = []
     for name in cfg.backbones:
         if name in ("pretrain", "highres"):
             uri = ctx.input(name, "backbone")
-            found.append(Candidate(name, BackboneRef(uri=uri), _file_key(uri)))
+            found.append(Candidate(name, BackboneRef(uri=uri), backbone_io.weights_key(uri)))
         elif name == "distill":
             for key, uri in sorted(ctx.upstream["distill"].items()):
                 if key.startswith("student/"):
-                    found.append(Candidate(f"distill/{key[len('student/'):]}", BackboneRef(uri=uri), _file_key(uri)))
+                    found.append(Candidate(f"distill/{key[len('student/'):]}", BackboneRef(uri=uri), backbone_io.weights_key(uri)))
         else:
-            found.append(Candidate(os.path.basename(name.rstrip("/")), BackboneRef(uri=name), _file_key(name)))
+            found.append(Candidate(os.path.basename(name.rstrip("/")), BackboneRef(uri=name), backbone_io.weights_key(name)))
     if "random" in cfg.baselines:
         if not found:
             raise ValueError("eval.baselines has 'random' but no backbone to copy the architecture from")
