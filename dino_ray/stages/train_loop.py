@@ -16,13 +16,16 @@ the same update runs on full tensors.
 
 **Metrics.** Rank 0 buffers per-step metrics and writes them to MLflow only after the checkpoint that
 covers those steps is committed. After a crash the uncommitted steps are redone and logged once, so
-the step axis in MLflow never repeats or skips.
+the step axis in MLflow never repeats or skips. The buffered rows also travel inside the checkpoint:
+a worker killed between committing a checkpoint and logging its rows logs them on resume (skipping
+any step MLflow already has), so those steps are not lost either.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -206,6 +209,21 @@ class _MetricBuffer:
             client.log_batch(self.run_id, metrics=items[i:i + 900])
         self.rows.clear()
 
+    def restore(self, rows: list[tuple[int, dict[str, float]]]) -> None:
+        """Log rows saved in a checkpoint whose flush may not have happened, skipping logged steps."""
+        if not self.enabled or not rows:
+            return
+        import mlflow
+
+        key = next(iter(rows[0][1]))
+        history = mlflow.MlflowClient(self.uri).get_metric_history(self.run_id, key)
+        last = max((m.step for m in history), default=-1)
+        self.rows = [(step, m) for step, m in rows if step > last]
+        self.flush()
+
+
+PENDING_METRICS = "metrics_pending.json"
+
 
 def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train worker entry point (``TorchTrainer(train_loop, train_loop_config={"spec": spec})``)."""
@@ -262,17 +280,21 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     schedules = TrainSchedules.from_config(spec.schedule, global_batch)
     total = spec.schedule.total_iters
 
+    buffer = _MetricBuffer(spec.tracking_uri, spec.run_id, enabled=rank == 0)
     start_step = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             start_step = _restore(d, members, objectives, rank)
+            pending = os.path.join(d, PENDING_METRICS)
+            if os.path.exists(pending):
+                with open(pending) as f:
+                    buffer.restore([(int(step), m) for step, m in json.load(f)])
         log.info("rank %d resumed at step %d", rank, start_step)
 
     stream = StreamSpec(index_uri=spec.index_uri, n_images=spec.n_images, seed=spec.seed,
                         batch_size=spec.train.batch_size_per_worker, world_size=world, rank=rank,
                         start_step=start_step, total_steps=total)
-    buffer = _MetricBuffer(spec.tracking_uri, spec.run_id, enabled=rank == 0)
     n_global, n_local = spec.data.crops.global_crops_number, spec.data.crops.local_crops_number
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else _null()
     step = start_step
@@ -316,7 +338,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             t_last, imgs_since = now, 0
             buffer.add(step, metrics)
         if step % spec.train.checkpoint_every == 0 or step == total:
-            _save_and_report(step, members, objectives, rank, {"step": step, **metrics})
+            _save_and_report(step, members, objectives, rank, {"step": step, **metrics}, buffer.rows)
             buffer.flush()
     if step < total:
         raise RuntimeError(f"the input stream ended at step {step} of {total}")
@@ -384,7 +406,8 @@ def _all_finite(loss: torch.Tensor) -> bool:
     return bad.item() == 0
 
 
-def _save_and_report(step: int, members: list[_Member], objectives: list, rank: int, metrics: dict) -> None:
+def _save_and_report(step: int, members: list[_Member], objectives: list, rank: int, metrics: dict,
+                     pending: list[tuple[int, dict[str, float]]]) -> None:
     import ray.train
     import torch.distributed as dist
     from ray.train import Checkpoint
@@ -394,6 +417,9 @@ def _save_and_report(step: int, members: list[_Member], objectives: list, rank: 
             m.engine.save_checkpoint(os.path.join(tmp, m.name, "ds"), tag="state",
                                      client_state={"step": step, "objective": objective.state_dict()})
             torch.save(m.ema_shards(), os.path.join(tmp, m.name, f"ema_rank{rank:05d}.pt"))
+        if rank == 0 and pending:
+            with open(os.path.join(tmp, PENDING_METRICS), "w") as f:
+                json.dump([[step_, {k: float(v) for k, v in m.items()}] for step_, m in pending], f)
         if dist.is_initialized():
             dist.barrier()
         ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))},

@@ -59,8 +59,11 @@ def _train_worker_pids() -> list[int]:
         cmd = " ".join(raylet.info.get("cmdline") or [])
         if "raylet" in cmd and session in cmd:
             for child in raylet.children():
-                if "RayTrainWorker" in " ".join(child.cmdline()):
-                    pids.append(child.pid)
+                try:
+                    if "RayTrainWorker" in " ".join(child.cmdline()):
+                        pids.append(child.pid)
+                except psutil.NoSuchProcess:  # also a killed worker not yet reaped (a zombie)
+                    continue
     return sorted(pids)
 
 
