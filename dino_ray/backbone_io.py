@@ -39,16 +39,22 @@ def save_state_dict(state: dict[str, torch.Tensor], vit_config: dict[str, Any], 
     return out_dir
 
 
+def weights_info(uri: str):
+    """The ``pyarrow.fs.FileInfo`` of the exported weights under ``uri``, or None when there are none."""
+    import pyarrow.fs as pafs
+
+    fs, path = storage.filesystem(storage.join(uri, WEIGHTS))
+    info = fs.get_file_info(path)
+    return info if info.type == pafs.FileType.File else None
+
+
 def weights_key(uri: str) -> str:
     """A short fingerprint of the exported weights at ``uri`` (path, size, mtime), so caches of what a
     backbone computed are dropped when the file is replaced."""
     import hashlib
 
-    import pyarrow.fs as pafs
-
-    fs, path = storage.filesystem(storage.join(uri, WEIGHTS))
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.NotFound:
+    info = weights_info(uri)
+    if info is None:
         raise FileNotFoundError(f"no backbone weights at {uri}")
     return hashlib.sha256(f"{uri}|{info.size}|{info.mtime_ns}".encode()).hexdigest()[:12]
 

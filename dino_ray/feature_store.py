@@ -6,7 +6,6 @@ with plain pyarrow (no Ray extension types) on any machine.
 
 from __future__ import annotations
 
-import io
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -26,9 +25,7 @@ def write_features(uri: str, meta: Mapping[str, Sequence], features: Mapping[str
     for k, arr in features.items():
         arr = np.ascontiguousarray(arr, dtype=np.float32).reshape(n, -1)
         cols[k] = pa.FixedSizeListArray.from_arrays(pa.array(arr.reshape(-1)), arr.shape[1])
-    buf = io.BytesIO()
-    pq.write_table(pa.table(cols), buf)
-    storage.write_bytes(uri, buf.getvalue())
+    storage.write_parquet(uri, pa.table(cols))
 
 
 def read_features(uris: str | Sequence[str], columns: Sequence[str] | None = None

@@ -100,6 +100,17 @@ def write_bytes(uri: str, data: bytes) -> None:
         f.write(data)
 
 
+def write_parquet(uri: str, table: Any) -> None:
+    """A ``pyarrow.Table`` as one parquet file at ``uri`` (atomically, as :func:`write_bytes`)."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    write_bytes(uri, buf.getvalue())
+
+
 def read_json(uri: str) -> Any:
     return json.loads(read_bytes(uri).decode("utf-8"))
 

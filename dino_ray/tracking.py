@@ -160,6 +160,17 @@ def log_artifact_file(tracking_uri: str, run_id: str, path: str, artifact_path: 
     mlflow.MlflowClient(tracking_uri).log_artifact(run_id, path, artifact_path)
 
 
+def log_bytes(tracking_uri: str, run_id: str, data: bytes, name: str, artifact_path: str | None = None) -> None:
+    """Log in-memory bytes (a picture, a file read from S3) as the artifact ``artifact_path/name``."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, name)
+        with open(path, "wb") as f:
+            f.write(data)
+        log_artifact_file(tracking_uri, run_id, path, artifact_path)
+
+
 def log_text(tracking_uri: str, run_id: str, text: str, artifact_file: str) -> None:
     import mlflow
 

@@ -32,11 +32,11 @@ class CurationResult:
     keep: np.ndarray  # int64 [K], sorted pool indices to keep
     reason: np.ndarray  # str [K], one of REASONS per kept index
     cluster_ids: np.ndarray  # int64 [N, L], -1 where a pool image was not clustered
-    summary: dict = field(default_factory=dict)  # sizes, removals, balance, index, recall, timings
     # Why each pool image was dropped before clustering: "" (it was not), "duplicate", "eval_copy".
     # Users audit curation from this, so nothing disappears without a reason.
-    dropped: np.ndarray | None = None  # str [N]
-    duplicate_of: np.ndarray | None = None  # int64 [N]: the kept copy of a "duplicate", else -1
+    dropped: np.ndarray  # str [N]
+    duplicate_of: np.ndarray  # int64 [N]: the kept copy of a "duplicate", else -1
+    summary: dict = field(default_factory=dict)  # sizes, removals, balance, index, recall, timings
 
 
 def curate_arrays(

@@ -129,7 +129,6 @@ def _histogram_png(before: list[int], after: list[int]) -> bytes:
 
 def _write_manifest(uri: str, meta: dict, result: Any, keep_rows: np.ndarray) -> None:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     cols = {
         "uri": pa.array([str(meta["uri"][i]) for i in keep_rows]),
@@ -140,21 +139,18 @@ def _write_manifest(uri: str, meta: dict, result: Any, keep_rows: np.ndarray) ->
     }
     for level in range(result.cluster_ids.shape[1]):
         cols[f"cluster_l{level}"] = pa.array(result.cluster_ids[result.keep, level], pa.int64())
-    buf = io.BytesIO()
-    pq.write_table(pa.table(cols), buf)
-    storage.write_bytes(uri, buf.getvalue())
+    storage.write_parquet(uri, pa.table(cols))
 
 
 def _write_dropped(uri: str, meta: dict, rows: np.ndarray, result: Any, keep_rows: np.ndarray) -> dict[str, int]:
     """Account for every pool file missing from the manifest; returns counts by reason."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     uris = [str(u) for u in meta["uri"]]
     why = [str(r) for r in meta["skip_reason"]]  # decode failures first: never embedded
     of = [""] * len(uris)
     for j, i in enumerate(rows):
-        if result.dropped is not None and result.dropped[j]:
+        if result.dropped[j]:
             why[i] = str(result.dropped[j])
             if result.duplicate_of[j] >= 0:
                 of[i] = uris[rows[result.duplicate_of[j]]]
@@ -165,9 +161,7 @@ def _write_dropped(uri: str, meta: dict, rows: np.ndarray, result: Any, keep_row
     out = [i for i, w in enumerate(why) if w]
     table = pa.table({"uri": [uris[i] for i in out], "id": [str(meta["id"][i]) for i in out],
                       "why": [why[i] for i in out], "duplicate_of": [of[i] for i in out]})
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    storage.write_bytes(uri, buf.getvalue())
+    storage.write_parquet(uri, table)
     return dict(Counter(why[i] for i in out))
 
 
@@ -219,7 +213,7 @@ def run(job: Any, ctx: StageContext) -> StageResult:
     if before:
         png = _histogram_png(before, after)
         storage.write_bytes(ctx.path("cluster_sizes.png"), png)
-        _log_png(ctx, png, "cluster_sizes.png")
+        tracking.log_bytes(ctx.tracking_uri, ctx.run_id, png, "cluster_sizes.png")
     tracking.log_text(ctx.tracking_uri, ctx.run_id, "\n".join(
         f"{r}\t{u}" for r, us in summary["bad_samples"].items() for u in us) or "none", "skipped_images.tsv")
     log.info("curate: %d files, %d decoded, %d skipped %s, %d duplicates, %d decontaminated, %d kept",
@@ -228,14 +222,3 @@ def run(job: Any, ctx: StageContext) -> StageResult:
     return StageResult(outputs={"manifest": manifest_uri, "dropped": ctx.path(DROPPED),
                                 "embeddings": ctx.path("embeddings"),
                                 "embedder": checkpoint}, summary=summary)
-
-
-def _log_png(ctx: StageContext, png: bytes, name: str) -> None:
-    import os
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, name)
-        with open(path, "wb") as f:
-            f.write(png)
-        tracking.log_artifact_file(ctx.tracking_uri, ctx.run_id, path)

@@ -16,7 +16,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 from typing import Any
 
 import numpy as np
@@ -45,9 +44,11 @@ def candidates(job: Any, ctx: StageContext) -> list[Candidate]:
         elif name == "distill":
             for key, uri in sorted(ctx.upstream["distill"].items()):
                 if key.startswith("student/"):
-                    found.append(Candidate(f"distill/{key[len('student/'):]}", BackboneRef(uri=uri), backbone_io.weights_key(uri)))
+                    found.append(Candidate(f"distill/{key[len('student/'):]}", BackboneRef(uri=uri),
+                                           backbone_io.weights_key(uri)))
         else:
-            found.append(Candidate(os.path.basename(name.rstrip("/")), BackboneRef(uri=name), backbone_io.weights_key(name)))
+            found.append(Candidate(os.path.basename(name.rstrip("/")), BackboneRef(uri=name),
+                                   backbone_io.weights_key(name)))
     if "random" in cfg.baselines:
         if not found:
             raise ValueError("eval.baselines has 'random' but no backbone to copy the architecture from")
@@ -211,8 +212,8 @@ def run(job: Any, ctx: StageContext) -> StageResult:
             if picture:
                 pic_name = f"pca_{ds_cfg.name}_{cand.name.replace('/', '_')}.png"
                 storage.write_bytes(ctx.path("pictures", pic_name), picture)
-                _log_file(ctx.tracking_uri, child, picture, pic_name, "pictures")
-                _log_file(ctx.tracking_uri, ctx.run_id, picture, pic_name, "pictures")
+                tracking.log_bytes(ctx.tracking_uri, child, picture, pic_name, "pictures")
+                tracking.log_bytes(ctx.tracking_uri, ctx.run_id, picture, pic_name, "pictures")
                 pictures.append(f"pictures/{pic_name}")
             tracking.log_text(ctx.tracking_uri, child, markdown_report(run_name, results, pictures), "report.md")
             tracking.log_text(ctx.tracking_uri, child, html_report(run_name, results, pictures), "report.html")
@@ -231,10 +232,3 @@ def run(job: Any, ctx: StageContext) -> StageResult:
     return StageResult(outputs={"results": ctx.path("results.json"), "table": ctx.path("results.md")},
                        summary=summary)
 
-
-def _log_file(uri: str, run_id: str, data: bytes, name: str, artifact_path: str) -> None:
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, name)
-        with open(path, "wb") as f:
-            f.write(data)
-        tracking.log_artifact_file(uri, run_id, path, artifact_path)

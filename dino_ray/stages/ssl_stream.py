@@ -126,15 +126,10 @@ def ssl_batches(spec: StreamSpec, data_cfg: Any, *, num_actors: int = 1, cpus_pe
 
 def write_index(uris: list[str], index_uri: str, ids: list[str] | None = None) -> int:
     """Write the training index (the image order every rank agrees on)."""
-    import io
-
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from dino_ray import storage
 
     table = pa.table({"uri": uris, "id": ids if ids is not None else uris})
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    storage.write_bytes(index_uri, buf.getvalue())
+    storage.write_parquet(index_uri, table)
     return len(uris)

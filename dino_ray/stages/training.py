@@ -92,24 +92,15 @@ MAX_ARTIFACT_BYTES = 256 * 2**20
 
 def log_backbone(ctx: StageContext, out_dir: str, name: str) -> None:
     """Attach an exported backbone to the stage's MLflow run (a pointer file when it is too big to copy)."""
-    import os
-    import tempfile
-
-    import pyarrow.fs as pafs
-
     from dino_ray import backbone_io, tracking
 
-    fs, path = storage.filesystem(storage.join(out_dir, backbone_io.WEIGHTS))
-    size = fs.get_file_info(path).size if fs.get_file_info(path).type == pafs.FileType.File else None
-    if size is None or size > MAX_ARTIFACT_BYTES:
+    info = backbone_io.weights_info(out_dir)
+    if info is None or info.size > MAX_ARTIFACT_BYTES:
         tracking.log_text(ctx.tracking_uri, ctx.run_id, f"{out_dir}\n", f"backbones/{name}/LOCATION.txt")
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        for file in (backbone_io.WEIGHTS, backbone_io.META):
-            local = os.path.join(tmp, file)
-            with open(local, "wb") as f:
-                f.write(storage.read_bytes(storage.join(out_dir, file)))
-            tracking.log_artifact_file(ctx.tracking_uri, ctx.run_id, local, f"backbones/{name}")
+    for file in (backbone_io.WEIGHTS, backbone_io.META):
+        tracking.log_bytes(ctx.tracking_uri, ctx.run_id, storage.read_bytes(storage.join(out_dir, file)), file,
+                           f"backbones/{name}")
 
 
 def index_for(stage: str, data_cfg: Any, ctx: StageContext, upstream: str | None) -> tuple[str, int]:
