@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from testlib import SHARED_DATA, free_port
+from testlib import SHARED_DATA, free_port, require_path
 
 # Set before anything imports ray / torch, so workers inherit them.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
@@ -26,8 +26,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"sample data not found at {SHARED_DATA}")
+    require_path(SHARED_DATA / "cifar10-jpg.tar.xz", "CIFAR-10 sample data")
+    require_path(SHARED_DATA / "imagenette-224-subset.tar", "Imagenette sample data")
     return SHARED_DATA
 
 

@@ -14,18 +14,18 @@ import pytest
 import yaml
 
 from dino_ray import cluster_check
+from testlib import CRD_DIR, require_path
 from dino_ray.cluster_check import check_cluster, parse_dockerfile, parse_entrypoint, validate_schema
 
 REPO = Path(__file__).resolve().parents[2]
-CRD_DIR = REPO.parent / "shared" / "schemas" / "kuberay-v1.7.0"
 JOB_NAMES = ("curate", "pretrain", "highres", "distill", "eval", "pipeline")
 ROOT = "output_root=s3://change-me-bucket/dino-ray/runs/run-001"
 
 
 @pytest.fixture(scope="module")
 def crd_dir() -> Path:
-    if not (CRD_DIR / "ray.io_rayjobs.yaml").is_file():
-        pytest.skip(f"KubeRay v1.7.0 CRDs not found at {CRD_DIR}")
+    require_path(CRD_DIR / "ray.io_rayjobs.yaml", "KubeRay v1.7.0 CRDs")
+    require_path(CRD_DIR / "ray.io_rayclusters.yaml", "KubeRay v1.7.0 CRDs")
     return CRD_DIR
 
 
