@@ -1,8 +1,9 @@
 """``dino-ray``: run, validate or submit a job YAML.
 
-    dino-ray run jobs/pipeline.yaml [key.path=value ...] [--force STAGE]
+    dino-ray run jobs/pipeline.yaml [key.path=value ...] [--force STAGE] [--verbose]
     dino-ray validate jobs/pretrain.yaml train.lr=1e-4
     dino-ray submit jobs/pretrain.yaml --address http://HOST:8265 [key.path=value ...]
+    dino-ray report outputs/demo [--update-readme demo]
 
 Job YAMLs start with ``#!/usr/bin/env -S dino-ray run``, so ``jobs/pretrain.yaml`` is itself a command
 (which is what ``ray job submit --working-dir . -- jobs/pretrain.yaml`` runs).
@@ -35,10 +36,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="key.path=value overrides")
     run.add_argument("--force", action="append", default=[], metavar="STAGE",
                      help="re-run STAGE even if its manifest is up to date (repeatable)")
+    run.add_argument("--verbose", action="store_true",
+                     help="show everything on the console: workers' output, Ray Data progress bars, INFO logs")
 
     val = sub.add_parser("validate", help="load and validate a job YAML, print the resolved config")
     val.add_argument("job")
     val.add_argument("overrides", nargs="*")
+
+    rp = sub.add_parser("report", help="print the results and stage timings a run wrote under its output root")
+    rp.add_argument("output_root", help="the job's output_root, e.g. outputs/demo or s3://bucket/runs/r1")
+    rp.add_argument("--update-readme", metavar="NAME",
+                    help="also put the report between <!-- report:NAME --> markers in README.md")
+    rp.add_argument("--readme", default="README.md", help="the file --update-readme edits (default: README.md)")
+    rp.set_defaults(overrides=[])
 
     sm = sub.add_parser("submit", help="submit a job YAML to a Ray cluster's job server and stream its logs")
     sm.add_argument("job")
@@ -49,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     sm.add_argument("--force", action="append", default=[], metavar="STAGE")
     sm.add_argument("--working-dir", default=".", help="uploaded as the job's working dir (default: .)")
     sm.add_argument("--no-wait", action="store_true", help="return after submission")
+    sm.add_argument("--verbose", action="store_true", help="the job runs `dino-ray run --verbose`")
     return p
 
 
@@ -63,23 +74,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     from dino_ray.config.loader import load_job
 
     job = load_job(args.job, args.overrides)
+    from dino_ray import tracking
+    from dino_ray.console import Console
     from dino_ray.pipeline import Pipeline
-    from dino_ray.ray_utils import init_ray
+    from dino_ray.ray_utils import init_ray, logs_dir
 
-    pipeline = Pipeline(job, ensure_ray=lambda: init_ray(job.ray.address, job.ray.num_cpus))
+    console = Console(verbose=args.verbose)
+
+    def ensure_ray() -> None:
+        init_ray(job.ray.address, job.ray.num_cpus, verbose=args.verbose)
+        console.attach_ray(logs_dir())
+
     start = time.time()
-    manifests = pipeline.run(force=args.force)
-    for name in pipeline.ordered():
-        m = manifests.get(name, {})
-        print(f"[dino-ray] {name}: {pipeline.stage_dir(name)} "
-              f"({m.get('seconds', 0)} s when it ran; summary: {_short(m.get('summary', {}))})")
-    print(f"[dino-ray] done in {time.time() - start:.1f} s; outputs under {job.output_root}")
+    try:
+        Pipeline(job, ensure_ray=ensure_ray, events=console).run(force=args.force)
+    finally:
+        console.close()
+    console.finish(time.time() - start, job.output_root, tracking.resolve_tracking_uri(job.tracking.tracking_uri),
+                   with_results="eval" in job.stages)
     return 0
-
-
-def _short(summary: dict) -> str:
-    items = [f"{k}={v}" for k, v in summary.items() if isinstance(v, (int, float, str)) and len(str(v)) < 40]
-    return ", ".join(items[:8])
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -90,6 +103,20 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     job = load_job(args.job, args.overrides)
     print(yaml.safe_dump(to_dict(job), sort_keys=False))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from dino_ray.run_report import load_report, render, update_readme
+
+    try:
+        text = render(load_report(args.output_root))
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    print(text, end="")
+    if args.update_readme:
+        update_readme(args.readme, args.update_readme, text)
+        print(f"[dino-ray] report written into {args.readme} (section {args.update_readme!r})")
     return 0
 
 
@@ -120,7 +147,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         runtime_env["env_vars"] = env_vars
     job_path = os.path.relpath(os.path.abspath(args.job), os.path.abspath(args.working_dir))
     entrypoint = " ".join(["dino-ray", "run", shlex.quote(job_path), *map(shlex.quote, args.overrides),
-                           *[f"--force {shlex.quote(s)}" for s in args.force]])
+                           *[f"--force {shlex.quote(s)}" for s in args.force],
+                           *(["--verbose"] if args.verbose else [])])
     try:
         client = JobSubmissionClient(args.address)
     except Exception as e:  # noqa: BLE001 - turn connection/auth errors into one clear line
@@ -177,8 +205,8 @@ def _wait(client, sid: str, poll_s: float = 1.0):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=os.environ.get("DINO_RAY_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from dino_ray.console import configure_output
+
     parser = _parser()
     # Overrides may come before or after options (`submit JOB --address URL a.b=1`): collect the
     # key=value tokens argparse leaves over.
@@ -187,9 +215,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = [*args.overrides, *extra]
+    configure_output(verbose=args.command != "run" or args.verbose)  # only `run` is quiet by default
     try:
         _split_args(args)
-        return {"run": cmd_run, "validate": cmd_validate, "submit": cmd_submit}[args.command](args)
+        return {"run": cmd_run, "validate": cmd_validate, "submit": cmd_submit,
+                "report": cmd_report}[args.command](args)
     except ConfigError as e:
         print(f"dino-ray: config error: {e}", file=sys.stderr)
         return 2

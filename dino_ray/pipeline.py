@@ -71,6 +71,7 @@ class StageContext:
     run_id: str
     parent_run_id: str
     ensure_ray: Callable[[], None]
+    started_at: float = dataclasses.field(default_factory=time.time)  # stage overhead is measured from here
 
     def path(self, *parts: str) -> str:
         return storage.join(self.stage_dir, *parts)
@@ -89,6 +90,50 @@ class StageFailed(RuntimeError):
         super().__init__(f"stage {stage!r} failed: {type(cause).__name__}: {cause}")
 
 
+def read_record(stage_dir: str) -> dict[str, Any]:
+    """The stage's ``_run.json`` (key and MLflow run of its latest attempt), or ``{}``."""
+    uri = storage.join(stage_dir, RUN_RECORD)
+    return storage.read_json(uri) if storage.exists(uri) else {}
+
+
+def run_reason(key: str, forced: bool, manifest: Mapping[str, Any] | None, record: Mapping[str, Any],
+               section_hash: str, tokens: Mapping[str, str]) -> str | None:
+    """Why a stage must run, in words for the console; ``None`` when its manifest is up to date.
+
+    A manifest with the same key is up to date. Without a manifest, a run record with the same key is a
+    failed (or killed) attempt that this run continues. A manifest with another key was written for
+    another config of this stage, or from outputs of upstream stages that have re-run since.
+    """
+    if forced:
+        return "forced (--force)"
+    if manifest is not None and manifest.get("key") == key:
+        return None
+    if manifest is None:
+        if record.get("key") == key:
+            return "resumed from a failed run"
+        return "config changed since a failed run" if record else "new"
+    rerun = sorted(up for up, token in tokens.items() if manifest.get("upstream_tokens", {}).get(up) != token)
+    if rerun and manifest.get("config_hash") == section_hash:
+        return f"input changed ({', '.join(rerun)} re-ran)"
+    return "config changed"
+
+
+class PipelineEvents:
+    """What the runner tells an observer (the console, :class:`dino_ray.console.Console`); by default, logs."""
+
+    def stage_skipped(self, name: str, manifest: Mapping[str, Any]) -> None:
+        log.info("stage %s: up to date (key %s), skipped", name, manifest.get("key"))
+
+    def stage_started(self, name: str, reason: str) -> None:
+        log.info("stage %s: running (%s)", name, reason)
+
+    def stage_finished(self, name: str, manifest: Mapping[str, Any]) -> None:
+        log.info("stage %s: done in %.1f s", name, manifest.get("seconds", 0))
+
+    def stage_failed(self, name: str, error: BaseException, seconds: float) -> None:
+        log.info("stage %s: failed after %.1f s", name, seconds)
+
+
 def read_manifest(stage_dir: str) -> dict[str, Any] | None:
     uri = storage.join(stage_dir, MANIFEST)
     if not storage.exists(uri):
@@ -104,12 +149,13 @@ class Pipeline:
     """Runs ``job.stages`` in registry order under ``job.output_root``."""
 
     def __init__(self, job: Any, registry: Mapping[str, StageSpec] | None = None,
-                 ensure_ray: Callable[[], None] | None = None):
+                 ensure_ray: Callable[[], None] | None = None, events: PipelineEvents | None = None):
         if registry is None:
             from dino_ray.stages import REGISTRY as registry  # noqa: N811
         self.job = job
         self.registry = dict(registry)
         self.ensure_ray = ensure_ray or (lambda: None)
+        self.events = events or PipelineEvents()
         unknown = [s for s in job.stages if s not in self.registry]
         if unknown:
             raise ConfigError(f"unknown stage(s) {unknown}; known: {list(self.registry)}", "stages")
@@ -157,10 +203,13 @@ class Pipeline:
             tokens = {up: manifests[up]["token"] for up in needs}
             key = self.key(name, tokens)
             existing = read_manifest(self.stage_dir(name))
-            if existing and existing.get("key") == key and name not in force:
-                log.info("stage %s: up to date (key %s), skipped", name, key)
+            reason = run_reason(key, name in force, existing, read_record(self.stage_dir(name)),
+                                config_hash(to_dict(getattr(self.job, name, None))), tokens)
+            if reason is None:
+                self.events.stage_skipped(name, existing)
                 manifests[name] = existing
                 continue
+            self.events.stage_started(name, reason)
             tracker = tracker or _Tracker(self.job)
             try:
                 manifests[name] = self._run_stage(spec, key, {up: manifests[up]["outputs"] for up in needs},
@@ -185,12 +234,13 @@ class Pipeline:
         ctx = StageContext(stage=name, job=self.job, stage_dir=stage_dir, upstream=upstream,
                            tracking_uri=tracker.uri, run_id=run_id, parent_run_id=tracker.parent_id,
                            ensure_ray=self._ensure_ray_tagged(tracker, run_id))
-        log.info("stage %s: running (key %s) -> %s", name, key, stage_dir)
+        log.info("stage %s: key %s -> %s", name, key, stage_dir)
         start = time.time()
         try:
             result = spec.load()(self.job, ctx)
         except BaseException as e:  # noqa: BLE001 - recorded, then re-raised
             tracking.set_status(tracker.uri, run_id, "FAILED")
+            self.events.stage_failed(name, e, time.time() - start)
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
                 raise
             raise StageFailed(name, e) from e
@@ -205,13 +255,13 @@ class Pipeline:
         tracking.log_text(tracker.uri, run_id, yaml.safe_dump(manifest, sort_keys=False), "manifest.yaml")
         storage.write_json(storage.join(stage_dir, MANIFEST), manifest)
         tracking.set_status(tracker.uri, run_id, "FINISHED")
+        self.events.stage_finished(name, manifest)
         return manifest
 
     @staticmethod
     def _reset_if_changed(spec: StageSpec, key: str, stage_dir: str) -> None:
         """Same key: a retry, keep everything (checkpoints to resume). New key: start clean."""
-        record_uri = storage.join(stage_dir, RUN_RECORD)
-        if storage.exists(record_uri) and storage.read_json(record_uri).get("key") == key:
+        if read_record(stage_dir).get("key") == key:
             return
         for uri in storage.list_children(stage_dir):
             if uri.rstrip("/").rsplit("/", 1)[-1] not in spec.keep_on_change:
@@ -256,8 +306,7 @@ class _Tracker:
                           "config/resolved.yaml")
 
     def stage_run(self, name: str, key: str, stage_dir: str) -> str:
-        record_uri = storage.join(stage_dir, RUN_RECORD)
-        record = storage.read_json(record_uri) if storage.exists(record_uri) else {}
+        record = read_record(stage_dir)
         run_id = record.get("run_id")
         if record.get("key") == key and record.get("tracking_uri") == self.uri and tracking.run_exists(self.uri, run_id):
             tracking.set_status(self.uri, run_id, "RUNNING")
@@ -269,7 +318,8 @@ class _Tracker:
         tracking.log_params(self.uri, run_id, flatten({name: section, "seed": self.job.seed}))
         tracking.log_text(self.uri, run_id, yaml.safe_dump(_redact({name: section}), sort_keys=False),
                           "config/stage.yaml")
-        storage.write_json(record_uri, {"key": key, "run_id": run_id, "tracking_uri": self.uri})
+        storage.write_json(storage.join(stage_dir, RUN_RECORD),
+                           {"key": key, "run_id": run_id, "tracking_uri": self.uri})
         return run_id
 
     def finish(self) -> None:

@@ -17,19 +17,30 @@ PROPAGATED_ENV = (
 )
 
 
-def worker_env() -> dict[str, str]:
+# What keeps a worker's log (in Ray's session folder) readable: no progress bars redrawn into it, no
+# deprecation warnings of the stack repeated by every process. ``--verbose`` leaves workers as they are.
+QUIET_WORKER_ENV = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "PYTHONWARNINGS": "ignore",
+                    "MLFLOW_LOGGING_LEVEL": "WARNING"}
+
+
+def worker_env(verbose: bool = True) -> dict[str, str]:
     env = {k: os.environ[k] for k in PROPAGATED_ENV if k in os.environ}
     env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not verbose:
+        env.update({k: v for k, v in QUIET_WORKER_ENV.items() if k not in env})
     return env
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: bool = True) -> None:
     """Connect to ``address`` (or ``RAY_ADDRESS``, as set inside a Ray job); else start a local Ray.
 
     The local instance advertises ``num_cpus`` logical CPUs (default: the machine's cores). Logical CPUs
     are scheduling tokens, so a small machine may advertise more than it has so that data
     preprocessing and training workers can be scheduled side by side.
+
+    ``verbose=False`` keeps workers' output and Ray's progress bars off the driver's console: they
+    stay in Ray's session folder (:func:`logs_dir`).
     """
     import ray
 
@@ -37,10 +48,42 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = address or os.environ.get("RAY_ADDRESS")
+    output = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
     if address:
         log.info("connecting to Ray at %s", address)
-        ray.init(address=address, log_to_driver=True)
-        return
-    cpus = num_cpus or os.cpu_count() or 1
-    log.info("starting a local Ray instance with %d logical CPUs", cpus)
-    ray.init(num_cpus=cpus, include_dashboard=False, runtime_env={"env_vars": worker_env()})
+        ray.init(address=address, **output)
+    else:
+        cpus = num_cpus or os.cpu_count() or 1
+        log.info("starting a local Ray instance with %d logical CPUs", cpus)
+        ray.init(num_cpus=cpus, include_dashboard=False, runtime_env={"env_vars": worker_env(verbose)}, **output)
+    if not verbose:
+        quiet_ray_libraries()
+
+
+def quiet_ray_libraries() -> None:
+    """Keep Ray Data and Tune, as used from the driver, off the console.
+
+    Ray Data: no progress bars and no per-dataset "execution started / finished" lines (nor the notice
+    that progress bars are off); errors still show, and it writes everything to ``ray-data.log`` in the
+    session folder. Tune: its new output engine prints an experiment box and result paths even at
+    ``verbose=0``; the classic one is silent at 0 (results stay in the stage's ``tune`` folder).
+    """
+    import ray.data
+
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    for handler in logging.getLogger("ray.data").handlers:
+        if handler.name == "console":  # the handler Ray Data's logging config names so
+            handler.setLevel(logging.ERROR)
+
+
+def logs_dir() -> str | None:
+    """Ray's log folder of this session (``/tmp/ray/session_*/logs`` by default), if Ray runs here."""
+    try:
+        from ray._private.worker import _global_node  # no public API gives the session folder
+
+        return os.path.join(_global_node.get_session_dir_path(), "logs")
+    except Exception:  # noqa: BLE001 - a connected client may have no local node
+        return None

@@ -17,6 +17,11 @@ from typing import Any, Iterator, Mapping
 SECRET_MARKERS = ("key", "secret", "token", "password", "credential", "passwd")
 LOCAL_DB = "mlflow.db"
 LOCAL_ARTIFACTS = "mlruns"
+# The experiment kind MLflow 3's UI writes when it creates an experiment ("Machine learning", not
+# "GenAI apps & agents"). The 3.17 UI picks its view from the GenAI / Model training toggle instead
+# (default GenAI, remembered per browser; `?workflowType=machine_learning` in the URL selects training).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 def resolve_tracking_uri(configured: str | None = None) -> str:
@@ -30,6 +35,16 @@ def resolve_tracking_uri(configured: str | None = None) -> str:
 def _client_env() -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DO_NOT_TRACK", "true")
+
+
+def fluent(tracking_uri: str) -> Any:
+    """``mlflow`` pointed at ``tracking_uri``: the fluent APIs (runs, ``log_model``, ``register_model``)
+    read the tracking and registry URI from the process, not from a client."""
+    import mlflow
+
+    _client_env()
+    mlflow.set_tracking_uri(tracking_uri)
+    return mlflow
 
 
 def is_secret(key: str) -> bool:
@@ -49,19 +64,19 @@ def safe_params(flat: Mapping[str, Any]) -> dict[str, str]:
 
 
 def experiment_id(tracking_uri: str, name: str) -> str:
-    import mlflow
-
-    _client_env()
-    mlflow.set_tracking_uri(tracking_uri)
-    client = mlflow.MlflowClient(tracking_uri)
+    """The experiment called ``name``, created if needed; either way tagged as a model-training one."""
+    client = fluent(tracking_uri).MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if EXPERIMENT_KIND_TAG not in exp.tags:  # made before we tagged, or by hand: an explicit kind stays
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     location = None
     if tracking_uri.startswith("sqlite:///") and not os.environ.get("MLFLOW_ARTIFACT_ROOT"):
         db = tracking_uri[len("sqlite:///"):]
         location = "file://" + os.path.join(os.path.dirname(os.path.abspath(db)), LOCAL_ARTIFACTS)
-    return client.create_experiment(name, artifact_location=location or os.environ.get("MLFLOW_ARTIFACT_ROOT"))
+    return client.create_experiment(name, artifact_location=location or os.environ.get("MLFLOW_ARTIFACT_ROOT"),
+                                    tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
 
 
 def run_exists(tracking_uri: str, run_id: str | None) -> bool:
@@ -102,10 +117,7 @@ def set_status(tracking_uri: str, run_id: str, status: str) -> None:
 @contextlib.contextmanager
 def attach(tracking_uri: str, run_id: str) -> Iterator[Any]:
     """Make ``run_id`` the active run in this process (a worker, a trial) and yield ``mlflow``."""
-    import mlflow
-
-    _client_env()
-    mlflow.set_tracking_uri(tracking_uri)
+    mlflow = fluent(tracking_uri)
     active = mlflow.active_run()
     if active is not None and active.info.run_id == run_id:
         yield mlflow

@@ -5,5 +5,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export MLFLOW_DISABLE_TELEMETRY=true RAY_USAGE_STATS_ENABLED=0
 python3 -m dino_ray.demo_data outputs/demo-data
+# One line per stage event and a live progress line; it ends with the results and where to look.
+# Pass --verbose for everything (Ray's and the workers' logs, progress bars).
 dino-ray run jobs/pipeline.yaml "$@"
-echo "Open the results: mlflow ui --backend-store-uri sqlite:///mlflow.db  (then http://127.0.0.1:5000)"

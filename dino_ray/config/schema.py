@@ -80,7 +80,7 @@ class TrainConfig:
 
     batch_size_per_worker: int = bounded(12, ge=2)  # g14: 12 per GPU x 256 GPUs = 3072 (length: schedule.total_iters)
     zero_stage: int = bounded(3, ge=0, le=3)
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where the device multiplies bf16 natively (CUDA, AVX512-BF16/AMX CPUs)
     log_every: int = bounded(10, ge=1)
     checkpoint_every: int = bounded(1000, ge=1)
     keep_checkpoints: int = bounded(2, ge=1)
@@ -248,6 +248,9 @@ class TrackingConfig:
     tracking_uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db here
     experiment: str = "dino-ray"
     run_name: Optional[str] = None
+    # Exported backbones up to this size are logged as MLflow models and registered (ViT-g/14 fp32 is
+    # 4.4 GB); a bigger one gets a LOCATION.txt pointer in its run instead of a copy.
+    max_model_gb: float = bounded(8.0, ge=0.0)
 
 
 @dataclass

@@ -39,10 +39,11 @@ def _module_device(module: nn.Module) -> torch.device:
 
 
 def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 on CUDA (the released eval runs in reduced precision); exact fp32 on CPU."""
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """bf16 on CUDA (the released eval runs in reduced precision) and on CPUs that multiply bf16
+    natively; exact fp32 elsewhere (see :mod:`dino_ray.train.precision`)."""
+    from dino_ray.train import precision
+
+    return precision.autocast(precision.resolve("auto", device), device)
 
 
 @contextlib.contextmanager

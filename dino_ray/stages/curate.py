@@ -49,7 +49,7 @@ def _embed(name: str, source: Any, embedder: BackboneRef, job: Any, ctx: StageCo
     key = config_hash({"weights": backbone_io.weights_key(embedder.uri), "spec": spec, "source": source})
     shards, computed = run_inference(rows, spec, ctx.path("embeddings", f"{name}-{key}"), num_actors=cfg.num_actors,
                                      cpus_per_actor=cfg.cpus_per_actor, gpus_per_actor=cfg.gpus_per_actor,
-                                     batch_size=cfg.batch_size, shard_size=cfg.shard_size)
+                                     batch_size=cfg.batch_size, shard_size=cfg.shard_size, task=f"curate embed {name}")
     meta, feats = feature_store.read_features(shards)
     return meta, feats["embedding"], computed
 

@@ -30,5 +30,5 @@ def run(job, ctx: StageContext) -> StageResult:
     for s in cfg.students:
         log_backbone(ctx, outputs[f"student/{s.name}"], s.name)
     return StageResult(outputs={**outputs, "train_state": ctx.path("ray_train")},
-                       summary={"images": n_images, "steps": value["final_step"], "students": len(cfg.students),
+                       summary={**value["timing"], "images": n_images, "steps": value["final_step"], "students": len(cfg.students),
                                 "teacher": teacher})

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from dino_ray import backbone_io, feature_store, storage, tracking
+from dino_ray import backbone_io, feature_store, model_registry, storage, tracking
 from dino_ray.pipeline import StageContext, StageResult
 from dino_ray.stages.inference import BackboneRef, InferenceSpec, run_inference
 
@@ -67,7 +67,8 @@ def _features(cand: Candidate, split: str, rows: list[dict], ds_cfg: Any, job: A
     out = ctx.path("features", ds_cfg.name, f"{cand.name.replace('/', '_')}-{cand.cache_key}",
                    str(ds_cfg.image_size), split)
     shards, computed = run_inference(rows, spec, out, num_actors=1, cpus_per_actor=cfg.extract_cpus,
-                                     gpus_per_actor=cfg.extract_gpus, batch_size=cfg.batch_size)
+                                     gpus_per_actor=cfg.extract_gpus, batch_size=cfg.batch_size,
+                                     task=f"eval features {cand.name}/{split}")
     meta, feats = feature_store.read_features(shards)
     ok = np.array([not r for r in meta["skip_reason"]])
     return {k: v[ok] for k, v in feats.items()}, meta["label"][ok].astype(np.int64), computed, shards
@@ -105,8 +106,8 @@ def linear_sweep(name: str, train_shards: list[str], test_shards: list[str], lay
     param_space = {"train_shards": train_shards, "test_shards": test_shards, "linear": cfg.linear,
                    "val_fraction": cfg.val_fraction, "seed": job.seed,
                    "layout": tune.grid_search([list(x) for x in layouts])}
-    param_space["n_blocks"] = tune.sample_from(lambda spec: spec.config["layout"][0])
-    param_space["avgpool"] = tune.sample_from(lambda spec: spec.config["layout"][1])
+    param_space["n_blocks"] = tune.sample_from(lambda config: config["layout"][0])
+    param_space["avgpool"] = tune.sample_from(lambda config: config["layout"][1])
     storage_root = ctx.path("tune")
     fs, path = storage.filesystem(storage_root)
     path_uri = storage_root if storage.is_remote(storage_root) else path
@@ -177,6 +178,12 @@ def evaluate(cand: Candidate, ds_cfg: Any, job: Any, ctx: StageContext) -> tuple
     knn = knn_classify(train_x["cls_1"], train_y, test_x["cls_1"], test_y, ks=tuple(cfg.knn.ks),
                        temperature=cfg.knn.temperature)
     results.update({f"knn_{k}": v for k, v in knn["metrics"].items()})
+    if "avgpool_1" in train_x:
+        # Average-pooled patch tokens too: a randomly initialised ViT (LayerScale 1e-5) gives nearly the
+        # same CLS for every image, so only the better of the two is a fair random-init baseline.
+        pooled = knn_classify(train_x["avgpool_1"], train_y, test_x["avgpool_1"], test_y, ks=tuple(cfg.knn.ks),
+                              temperature=cfg.knn.temperature)
+        results.update({f"knn_avgpool_{k}": v for k, v in pooled["metrics"].items()})
     blocks = sum(1 for k in train_x if k.startswith("cls_"))
     layouts = [(1, False)] if cand.ref is None else [
         (n, p) for n in cfg.linear.n_last_blocks for p in cfg.linear.avgpool if n <= blocks]
@@ -189,8 +196,21 @@ def evaluate(cand: Candidate, ds_cfg: Any, job: Any, ctx: StageContext) -> tuple
     return results, picture, c1 + c2
 
 
+def tag_registered_version(cand: Candidate, dataset: str, metrics: dict[str, float], eval_run_id: str,
+                           ctx: StageContext) -> None:
+    """Put a backbone's results on its registered model version (found by the weights fingerprint, which
+    is the candidate's cache key), so the registry shows how each version scored. Baselines have no
+    version; a backbone given by path has one only if a stage registered those weights."""
+    if cand.ref is None or not cand.ref.uri:
+        return
+    tags: dict[str, Any] = {f"eval.{dataset}.{k}": v for k, v in metrics.items()}
+    tags[f"eval.{dataset}.run_id"] = eval_run_id
+    model_registry.tag_versions(ctx.tracking_uri, cand.cache_key, tags)
+
+
 def run(job: Any, ctx: StageContext) -> StageResult:
     from dino_ray.evals.report import comparison_table, html_report, markdown_report
+    from dino_ray.progress import Reporter
 
     ctx.ensure_ray()
     cfg = job.eval
@@ -199,6 +219,8 @@ def run(job: Any, ctx: StageContext) -> StageResult:
     cands = candidates(job, ctx)
     table, summary, extracted = [], {}, 0
     exp_id = tracking.experiment_id(ctx.tracking_uri, job.tracking.experiment)
+    progress = Reporter("eval", len(cands) * len(cfg.datasets), "backbones")
+    progress.update(0)
     for ds_cfg in cfg.datasets:
         for cand in cands:
             results, picture, computed = evaluate(cand, ds_cfg, job, ctx)
@@ -206,8 +228,9 @@ def run(job: Any, ctx: StageContext) -> StageResult:
             run_name = f"eval/{ds_cfg.name}/{cand.name}"
             child = tracking.create_run(ctx.tracking_uri, exp_id, run_name, parent_run_id=ctx.run_id,
                                         tags={"dino_ray.backbone": cand.name, "dino_ray.dataset": ds_cfg.name})
-            tracking.log_metrics(ctx.tracking_uri, child, {k: v for k, v in results.items()
-                                                           if isinstance(v, (int, float))})
+            metrics = {k: v for k, v in results.items() if isinstance(v, (int, float))}
+            tracking.log_metrics(ctx.tracking_uri, child, metrics)
+            tag_registered_version(cand, ds_cfg.name, metrics, child, ctx)
             pictures = []
             if picture:
                 pic_name = f"pca_{ds_cfg.name}_{cand.name.replace('/', '_')}.png"
@@ -221,6 +244,7 @@ def run(job: Any, ctx: StageContext) -> StageResult:
             row = {"dataset": ds_cfg.name, "backbone": cand.name, **{k: v for k, v in results.items()
                                                                     if isinstance(v, (int, float, str))}}
             table.append(row)
+            progress.update(len(table))
             for k, v in results.items():
                 if isinstance(v, (int, float)):
                     summary[f"{ds_cfg.name}/{cand.name}/{k}"] = v

@@ -23,6 +23,6 @@ def run(job, ctx: StageContext) -> StageResult:
                     output_dir=out, tracking_uri=ctx.tracking_uri, run_id=ctx.run_id,
                     init_from=ctx.input("pretrain", "backbone"))
     value = run_training(spec, ctx)
-    log_backbone(ctx, out, "teacher")
+    log_backbone(ctx, out)
     return StageResult(outputs={"backbone": out, "train_state": ctx.path("ray_train")},
-                       summary={"images": n_images, "steps": value["final_step"], "img_size": cfg.img_size})
+                       summary={**value["timing"], "images": n_images, "steps": value["final_step"], "img_size": cfg.img_size})

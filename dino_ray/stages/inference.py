@@ -103,6 +103,8 @@ class FeatureMaker:
         if good:
             x = torch.from_numpy(np.stack([eval_view(images[i], self.spec.image_size) for i in good]))
             if self.spec.mode == "embed":
+                # fp32 on purpose, even where bf16 is fast: copy detection compares cosines to 4 decimals
+                # (demo threshold 0.9998), below bf16's rounding.
                 with torch.inference_mode():
                     x = x.to(self.device)
                     cls = self.model(x).float()
@@ -143,13 +145,18 @@ class ShardedRun:
 
 def run_inference(rows: Sequence[dict], spec: InferenceSpec, out_uri: str, *, num_actors: int = 1,
                   cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0, batch_size: int = 64,
-                  shard_size: int = 4096) -> tuple[list[str], int]:
-    """Embed ``rows`` shard by shard (skipping shards already written); returns (shard uris, n computed)."""
+                  shard_size: int = 4096, task: str = "inference") -> tuple[list[str], int]:
+    """Embed ``rows`` shard by shard (skipping shards already written); returns (shard uris, n computed).
+
+    ``task`` names this call in the console's progress line."""
     import ray
     from ray.data import ActorPoolStrategy
 
+    from dino_ray.progress import Reporter
+
     run = ShardedRun(rows, out_uri, shard_size)
     computed = 0
+    progress = Reporter(task, len(rows), "images")
     for i in range(run.n_shards):
         uri = run.shard_uri(i)
         if storage.exists(uri):
@@ -164,6 +171,7 @@ def run_inference(rows: Sequence[dict], spec: InferenceSpec, out_uri: str, *, nu
         meta: dict[str, list] = {k: [] for k in feature_store.META_COLUMNS}
         feats: dict[str, list] = {}
         for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+            progress.update(i * shard_size + len(meta["id"]) + len(batch["id"]))
             for k in meta:
                 meta[k].extend(batch[k].tolist())
             for k, v in batch.items():

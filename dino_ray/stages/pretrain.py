@@ -15,6 +15,6 @@ def run(job, ctx: StageContext) -> StageResult:
                     schedule=cfg.schedule, train=cfg.train, data=cfg.data, index_uri=index_uri, n_images=n_images,
                     seed=job.seed, output_dir=out, tracking_uri=ctx.tracking_uri, run_id=ctx.run_id)
     value = run_training(spec, ctx)
-    log_backbone(ctx, out, "teacher")
+    log_backbone(ctx, out)
     return StageResult(outputs={"backbone": out, "train_state": ctx.path("ray_train")},
-                       summary={"images": n_images, "steps": value["final_step"]})
+                       summary={**value["timing"], "images": n_images, "steps": value["final_step"]})

@@ -232,6 +232,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     from ray.train import Checkpoint, get_context
 
     from dino_ray.data.multicrop import normalize_batch
+    from dino_ray.progress import Reporter
     from dino_ray.stages.ssl_stream import StreamSpec, ssl_batches
     from dino_ray.train.param_groups import apply_schedules, build_param_groups
     from dino_ray.train.schedules import TrainSchedules
@@ -241,7 +242,14 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     ctx = get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = _device()
-    bf16 = device.type == "cuda" and spec.train.precision in ("auto", "bf16")
+    from dino_ray.train import precision as mixed
+
+    precision = mixed.resolve(spec.train.precision, device)
+    if rank == 0:
+        log.info("%s: %s", spec.stage, precision.reason)
+    # DeepSpeed's bf16 mode (bf16 weights, fp32 master copy) on GPU; on CPU the engine stays fp32 and
+    # only the forward/backward run under bf16 autocast (DeepSpeed's CPU path has no bf16 optimizer).
+    bf16 = device.type == "cuda" and precision.name == "bf16"
     if spec.train.threads_per_worker:
         torch.set_num_threads(spec.train.threads_per_worker)
     _disable_jit_ops()
@@ -296,9 +304,11 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                         batch_size=spec.train.batch_size_per_worker, world_size=world, rank=rank,
                         start_step=start_step, total_steps=total)
     n_global, n_local = spec.data.crops.global_crops_number, spec.data.crops.local_crops_number
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else _null()
+    autocast = mixed.autocast(precision, device)
     step = start_step
     t_last, imgs_since = time.time(), 0
+    first_step_at, first_step = None, start_step  # stage overhead and steady-state speed, for the summary
+    progress = Reporter(spec.stage.replace("_", " "), total, "steps") if rank == 0 else None
     for batch in ssl_batches(stream, spec.data, num_actors=spec.train.data_workers,
                              cpus_per_actor=spec.train.data_cpus):
         if step >= total:
@@ -329,6 +339,11 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             metrics.update({prefix + k: v for k, v in terms.items()})
         step += 1
         imgs_since += global_batch
+        if first_step_at is None:
+            first_step_at, first_step = time.time(), step
+        if progress is not None:  # throttled and fire-and-forget: costs the step nothing
+            progress.update(step, **{k.replace("total_loss", "loss"): v for k, v in metrics.items()
+                                     if k.endswith("total_loss")})
         if step % spec.train.log_every == 0 or step == total:
             metrics = _mean_over_ranks(metrics, device)
             now = time.time()
@@ -343,8 +358,11 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     if step < total:
         raise RuntimeError(f"the input stream ended at step {step} of {total}")
 
+    steady = time.time() - (first_step_at or time.time())
     _export(spec, members, rank)
-    return {"final_step": step}
+    return {"final_step": step, "precision": precision.name, "precision_reason": precision.reason,
+            "first_step_at": first_step_at,
+            "images_per_s": (step - first_step) * global_batch / steady if steady > 0 else None}
 
 
 def _teacher_module(teacher_dir: str, loss_cfg: Any) -> torch.nn.Module:
@@ -377,14 +395,6 @@ class _Plain:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def _mean_over_ranks(metrics: dict[str, float], device: torch.device) -> dict[str, float]:

@@ -79,28 +79,42 @@ def run_training(spec: LoopSpec, ctx: StageContext) -> dict[str, Any]:
     )
     result = trainer.fit()
     value = result.return_value or {}
+    from dino_ray import tracking
+
+    if value.get("precision"):
+        tracking.set_tags(ctx.tracking_uri, ctx.run_id, {"dino_ray.precision": value["precision"],
+                                                         "dino_ray.precision_reason": value["precision_reason"]})
+        log.info("%s: %s", spec.stage, value["precision_reason"])
     if value.get("error"):
         raise FloatingPointError(value["error"])
+    value["timing"] = _timing(value, ctx)
+    tracking.log_metrics(ctx.tracking_uri, ctx.run_id, value["timing"])
     if value.get("final_step") != spec.schedule.total_iters:
         raise RuntimeError(f"{spec.stage}: training ended at step {value.get('final_step')} of "
                            f"{spec.schedule.total_iters}")
     return value
 
 
-MAX_ARTIFACT_BYTES = 256 * 2**20
+def _timing(value: dict[str, Any], ctx: StageContext) -> dict[str, float]:
+    """Stage start -> first optimizer step (Ray, data pipeline and DeepSpeed start-up), and the steady
+    training speed after it: the two numbers that say where a short run's wall-clock went."""
+    timing = {}
+    if value.get("first_step_at"):
+        timing["stage_start_to_first_step_s"] = round(value["first_step_at"] - ctx.started_at, 2)
+    if value.get("images_per_s"):
+        timing["train_images_per_s"] = round(value["images_per_s"], 2)
+    return timing
 
 
-def log_backbone(ctx: StageContext, out_dir: str, name: str) -> None:
-    """Attach an exported backbone to the stage's MLflow run (a pointer file when it is too big to copy)."""
-    from dino_ray import backbone_io, tracking
+def log_backbone(ctx: StageContext, out_dir: str, student: str | None = None) -> None:
+    """Log an exported backbone as an MLflow model of the stage's run and register it as a new version of
+    ``<experiment>-<stage>`` (``<experiment>-distill-<student>`` for a distilled student)."""
+    from dino_ray import model_registry
 
-    info = backbone_io.weights_info(out_dir)
-    if info is None or info.size > MAX_ARTIFACT_BYTES:
-        tracking.log_text(ctx.tracking_uri, ctx.run_id, f"{out_dir}\n", f"backbones/{name}/LOCATION.txt")
-        return
-    for file in (backbone_io.WEIGHTS, backbone_io.META):
-        tracking.log_bytes(ctx.tracking_uri, ctx.run_id, storage.read_bytes(storage.join(out_dir, file)), file,
-                           f"backbones/{name}")
+    name = model_registry.registered_name(ctx.job.tracking.experiment, ctx.stage, student)
+    tags = {"dino_ray.stage": ctx.stage, **({"dino_ray.student": student} if student else {})}
+    model_registry.log_and_register(ctx.tracking_uri, ctx.run_id, out_dir, name, tags,
+                                    max_bytes=int(ctx.job.tracking.max_model_gb * 2**30))
 
 
 def index_for(stage: str, data_cfg: Any, ctx: StageContext, upstream: str | None) -> tuple[str, int]:

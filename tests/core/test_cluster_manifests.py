@@ -43,6 +43,7 @@ def pristine(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("repo")
     shutil.copytree(REPO / "cluster", root / "cluster")
     shutil.copy(REPO / "pyproject.toml", root / "pyproject.toml")
+    shutil.copytree(REPO / "requirements", root / "requirements")
     (root / "README.md").write_text("stand-in\n")
     (root / "dino_ray").mkdir()
     (root / "dino_ray" / "__init__.py").write_text("")
@@ -253,8 +254,8 @@ def test_autoscaler_v2_needs_restart_policy_never(repo, crd_dir):
 
 
 def test_pyproject_ray_bound_must_admit_cluster_version(repo, crd_dir):
-    _edit_text(repo / "pyproject.toml", '"ray[default,train,data,tune]>=2.50"',
-               '"ray[default,train,data,tune]>=2.50,<2.60"')
+    _edit_text(repo / "pyproject.toml", '"ray[default,train,data,tune]>=2.60"',
+               '"ray[default,train,data,tune]>=2.55,<2.60"')
     _assert_named(_problems(repo, crd_dir), "pyproject.toml", "excludes rayVersion 2.60.0")
 
 

@@ -168,3 +168,36 @@ def test_changed_stage_starts_clean_but_a_retry_keeps_its_files(job):
     with pytest.raises(StageFailed):
         Pipeline(job, REGISTRY).run()  # same config: a retry of the same key keeps its files
     assert storage.exists(partial)
+
+
+def test_console_says_why_each_stage_runs(job):
+    import io
+    import re
+
+    from dino_ray.console import Console
+
+    def run(**kwargs):
+        out = io.StringIO()
+        try:
+            Pipeline(job, REGISTRY, events=Console(out, tty=False)).run(**kwargs)
+        except StageFailed:
+            pass
+        # "b         running: new" -> ("b", "running: new"); the durations vary
+        return [tuple(re.sub(r" in \d+ s.*| after \d+ s.*", "", line).split(None, 1))
+                for line in out.getvalue().splitlines()]
+
+    assert run() == [("a", "running: new"), ("a", "done"), ("b", "running: new"), ("b", "done"),
+                     ("c", "running: new"), ("c", "done")]
+    assert run() == [(s, "up to date, skipped") for s in "abc"]
+    job.b.value = 7
+    assert run()[1:] == [("b", "running: config changed"), ("b", "done"),
+                         ("c", "running: input changed (b re-ran)"), ("c", "done")]
+    assert run(force=["c"])[2:] == [("c", "running: forced (--force)"), ("c", "done")]
+    job.c.fail = True
+    assert run()[2:] == [("c", "running: config changed"), ("c", "failed")]
+    assert run()[2:] == [("c", "running: resumed from a failed run"), ("c", "failed")]
+    job.c.fail = False
+    assert run()[2:] == [("c", "running: config changed since a failed run"), ("c", "done")]
+    storage.delete(os.path.join(job.output_root, "b"))
+    assert run()[1:] == [("b", "running: new"), ("b", "done"), ("c", "running: input changed (b re-ran)"),
+                         ("c", "done")]

@@ -125,7 +125,7 @@ def test_dino_ray_submit_streams_and_returns_the_job_status(ray_cluster, cifar10
     env.pop("RAY_AUTH_MODE", None)  # dino-ray submit must find the token itself
     ok = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:]
-    assert "stage pretrain: running" in ok.stdout  # the job's own log lines were streamed back
+    assert "pretrain  running: new" in ok.stdout  # the job's console was streamed back
     assert "SUCCEEDED" in ok.stdout
     assert (out / "pretrain" / "_manifest.json").exists()
 

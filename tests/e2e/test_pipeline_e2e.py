@@ -67,8 +67,12 @@ def test_whole_pipeline_local_then_skip_then_partial_rerun(ray_session, demo_dat
     pretrain_run = next(r for r in children if r.info.run_name == "pretrain")
     steps = [m.step for m in client.get_metric_history(pretrain_run.info.run_id, "total_loss")]
     assert steps == list(range(1, job.pretrain.schedule.total_iters + 1))
-    exported = {a.path for a in client.list_artifacts(pretrain_run.info.run_id, "backbones/teacher")}
-    assert exported == {"backbones/teacher/backbone.pth", "backbones/teacher/backbone.json"}
+    registered = {f"{job.tracking.experiment}-{s}" for s in ("pretrain", "highres", "distill-vit_mini",
+                                                              "distill-vit_micro")}
+    assert {m.name for m in client.search_registered_models()} == registered
+    [pretrain_version] = client.search_model_versions(f"name = '{job.tracking.experiment}-pretrain'")
+    assert pretrain_version.run_id == pretrain_run.info.run_id
+    assert 0.0 <= float(pretrain_version.tags["eval.digits.knn_k20_top1"]) <= 1.0  # tagged by the eval stage
     artifacts = {a.path for a in client.list_artifacts(eval_run.info.run_id)}
     assert "comparison.md" in artifacts and "pictures" in artifacts
 

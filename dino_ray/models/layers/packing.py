@@ -30,8 +30,11 @@ class TokenGroups:
 
     @classmethod
     def of(cls, tensors: Sequence[Tensor]) -> TokenGroups:
-        """The layout of a list of [B, T, C] tensors."""
-        return cls(tuple((int(t.shape[0]), int(t.shape[1])) for t in tensors))
+        """The layout of a list of [B, T, C] tensors.
+
+        Sizes are kept as the tensors report them (plain ints in eager mode) rather than cast with
+        ``int()``: under ``torch.export`` a cast would freeze the batch size into the exported graph."""
+        return cls(tuple((t.shape[0], t.shape[1]) for t in tensors))
 
     @property
     def rows(self) -> tuple[int, ...]:

@@ -1,0 +1,227 @@
+"""Quality per CPU-minute: the real pretrain + eval stages on CIFAR-10 for a fixed wall-clock budget.
+
+Pretrains on the CIFAR-10 train images (all 50,000; 10,000 with ``--quick``) with a preset
+(``jobs/presets/cpu.yaml`` by default) for about ``--minutes`` of training, then runs the eval stage on
+the test images (10,000; 2,000 with ``--quick``) at 32 px. The number of steps that fits the budget is
+calibrated first: a few real steps of the same model on random crops, in this process. Warm-ups scale
+with the steps, so a shorter budget is the same recipe, compressed.
+
+Baselines, all measured in the same run on the same split and evaluator:
+- ``baseline``: raw pixels (kNN@20 on the flattened, normalised 32x32 image): what SSL must beat;
+- random init of the same ViT, the better of CLS and average-pooled patch tokens (a fresh ViT with a
+  small LayerScale maps every image to nearly the same CLS vector, so CLS alone would be a strawman);
+- ``--peer lightly``: LightlyTrain's DINOv2 (``lightly_train.pretrain(method="dinov2")``) on the same
+  architecture, crops, batch and wall-clock, run by ``benchmarks/peers/lightly_dinov2.py`` in the
+  Python of a separate venv (``--peer-python``; see the README), its backbone judged by our eval stage.
+
+    python benchmarks/quality.py [--minutes 30] [--quick] [--peer lightly --peer-python PEER/bin/python]
+
+Last stdout line: JSON with ours = SSL kNN@20 top-1, baseline = raw-pixel kNN@20 top-1, ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
+SHARED = REPO.parent / "shared" / "data" / "cifar10-jpg.tar.xz"
+
+
+def extract_cifar(archive: Path, dest: Path, train_per_class: int, test_per_class: int) -> Path:
+    """``dest/train/<class>/*.jpg`` and ``dest/test/<class>/*.jpg``, the first N of each class."""
+    marker = dest / f".extracted-{train_per_class}-{test_per_class}"
+    if marker.exists():
+        return dest
+    if not archive.is_file():
+        raise SystemExit(f"CIFAR-10 not found at {archive} (the project's shared/data folder beside the repo)")
+
+    def wanted(name: str) -> bool:
+        parts = name.split("/")
+        if len(parts) < 3:
+            return False
+        limit = train_per_class if parts[0] == "train" else test_per_class
+        return int(os.path.splitext(parts[2])[0]) < limit
+
+    with tarfile.open(archive) as tf:
+        tf.extractall(dest, members=[m for m in tf.getmembers() if m.isfile() and wanted(m.name)], filter="data")
+    marker.touch()
+    return dest
+
+
+def calibrate_step_s(job, steps: int = 6) -> float:
+    """Seconds per training step of the preset's model and crops, timed on random crops in this process."""
+    import torch
+
+    from dino_ray.models import build_backbone
+    from dino_ray.train.ssl_arch import SSLModel, SSLObjective
+
+    cfg = job.pretrain
+    crops = cfg.data.crops
+    torch.set_num_threads(2)
+    model = SSLModel.build(build_backbone(cfg.model.arch, **cfg.model.backbone_kwargs()), cfg.loss)
+    objective = SSLObjective(cfg.loss)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    b = cfg.train.batch_size_per_worker
+    g = torch.randn(crops.global_crops_number * b, 3, crops.global_crops_size, crops.global_crops_size)
+    loc = torch.randn(crops.local_crops_number * b, 3, crops.local_crops_size, crops.local_crops_size)
+    grid = crops.global_crops_size // crops.patch_size
+    masks = torch.rand(g.shape[0], grid * grid) < 0.3
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        with torch.no_grad():
+            t_out = model(g, None, masks, apply_masks=False)
+        targets = objective.teacher_targets(t_out, 0.07, crops.global_crops_number)
+        s_out = model(g, loc if crops.local_crops_number else None, masks)
+        loss, _ = objective(s_out, targets, masks, crops.global_crops_number, crops.local_crops_number)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t)
+    return sorted(times[1:])[len(times[1:]) // 2]
+
+
+def scaled_schedule(schedule, steps: int) -> str:
+    """The preset's schedule with its warm-ups scaled from the preset's length to ``steps``."""
+    f = steps / schedule.total_iters
+
+    def scale(n: int) -> int:
+        return max(0, min(steps - 1, round(n * f)))
+
+    return (f"{{total_iters: {steps}, warmup_iters: {max(1, scale(schedule.warmup_iters))}, "
+            f"warmup_teacher_temp_iters: {scale(schedule.warmup_teacher_temp_iters)}, "
+            f"freeze_last_layer_iters: {scale(schedule.freeze_last_layer_iters)}}}")
+
+
+def run_peer(python: str, train_dir: Path, job, minutes: float, out: Path) -> Path | None:
+    """Train LightlyTrain's DINOv2 in its own venv; returns a dino-ray backbone dir, or None (skipped)."""
+    from dino_ray import backbone_io
+
+    if not python or not Path(python).exists():
+        print(f"[quality] peer lightly skipped: no peer Python at {python!r} (see README: benchmarks)",
+              file=sys.stderr)
+        return None
+    probe = subprocess.run([python, "-c", "import lightly_train"], capture_output=True, text=True)
+    if probe.returncode:
+        print(f"[quality] peer lightly skipped: lightly_train does not import in {python}: "
+              f"{probe.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        return None
+    cfg = job.pretrain
+    import dataclasses
+
+    from dino_ray.models import build_backbone
+
+    vit = dataclasses.asdict(build_backbone(cfg.model.arch, **cfg.model.backbone_kwargs()).config)
+    spec = {"vit": vit, "crops": dataclasses.asdict(cfg.data.crops), "loss": dataclasses.asdict(cfg.loss),
+            "schedule": dataclasses.asdict(cfg.schedule), "batch": cfg.train.batch_size_per_worker,
+            "minutes": minutes, "data": str(train_dir), "out": str(out), "seed": job.seed}
+    spec_file = out / "spec.json"
+    out.mkdir(parents=True, exist_ok=True)
+    spec_file.write_text(json.dumps(spec, default=str))
+    start = time.time()
+    subprocess.run([python, str(REPO / "benchmarks" / "peers" / "lightly_dinov2.py"), str(spec_file)], check=True)
+    result = json.loads((out / "result.json").read_text())
+    import torch
+
+    state = torch.load(result["weights"], map_location="cpu", weights_only=True)
+    vit = result["vit"]
+    backbone_io.save_state_dict(state, vit, str(out / "lightly_train"), extra={"stage": "lightly_train",
+                                                                          "steps": result["planned_steps"]})
+    result["wall_s"] = round(time.time() - start, 1)
+    (out / "result.json").write_text(json.dumps(result))
+    return out / "lightly_train"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--minutes", type=float, default=30.0, help="training budget (default 30)")
+    p.add_argument("--quick", action="store_true", help="10k train / 2k test images, 5 minutes")
+    p.add_argument("--preset", default=str(REPO / "jobs" / "presets" / "cpu.yaml"))
+    p.add_argument("--peer", choices=["lightly"], default=None)
+    p.add_argument("--peer-python", default=os.environ.get("DINO_RAY_PEER_PYTHON", ""))
+    p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "dino-ray-quality"))
+    args = p.parse_args()
+    minutes = 5.0 if args.quick and args.minutes == 30.0 else args.minutes
+    per_class = (1000, 200) if args.quick else (5000, 1000)
+    work = Path(args.work)
+    data = extract_cifar(SHARED, work / "cifar10", *per_class)
+
+    from dino_ray.config.loader import load_job
+    from dino_ray.pipeline import Pipeline
+    from dino_ray.ray_utils import init_ray
+
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    train = f"{{uri: {data / 'train'}, labels_from_folders: true}}"
+    test = f"{{uri: {data / 'test'}, labels_from_folders: true}}"
+    base = load_job(args.preset, [f"pretrain.data.source={train}"])
+    step_s = calibrate_step_s(base)
+    steps = max(20, int(minutes * 60 / step_s))
+    peer_dir = run_peer(args.peer_python, data / "train", base, minutes, work / "peer") if args.peer else None
+    run_root = work / f"run-{int(time.time())}"
+    backbones = ["pretrain"] + ([str(peer_dir)] if peer_dir else [])
+    overrides = [
+        f"output_root={run_root}", f"tracking.tracking_uri=sqlite:///{run_root}/mlflow.db", "stages=[pretrain, eval]",
+        f"pretrain.data.source={train}", f"pretrain.schedule={scaled_schedule(base.pretrain.schedule, steps)}",
+        f"pretrain.train.checkpoint_every={steps}", f"pretrain.train.log_every={max(1, steps // 20)}",
+        f"eval.backbones=[{', '.join(backbones)}]", "eval.baselines=[random, pixels]", "eval.knn.ks=[20]",
+        f"eval.datasets=[{{name: cifar10, image_size: 32, train: {train}, test: {test}}}]",
+    ]
+    job = load_job(args.preset, overrides)
+    init_ray(job.ray.address, job.ray.num_cpus)
+    start = time.time()
+    manifests = Pipeline(job, ensure_ray=lambda: None).run()
+    wall = time.time() - start
+    rows = {r["backbone"]: r for r in json.loads(Path(manifests["eval"]["outputs"]["results"]).read_text())}
+    ours, pixels, random = rows["pretrain"], rows["pixels"], rows["random"]
+    pre = manifests["pretrain"]["summary"]
+
+    def knn(row: dict, pooled: bool = False) -> float:
+        return float(row.get("knn_avgpool_k20_top1" if pooled else "knn_k20_top1", 0.0))
+
+    out = {
+        "name": "quality_cifar10_knn_per_budget",
+        "unit": "kNN@20 top-1",
+        "ours": round(knn(ours), 4),
+        "baseline": round(knn(pixels), 4),
+        "ratio": round(knn(ours) / max(knn(pixels), 1e-9), 3),
+        "details": {
+            "ours_linear_top1": ours.get("linear_test_top1"),
+            "ours_knn_pooled_patches": knn(ours, pooled=True),
+            "pixels_linear_top1": pixels.get("linear_test_top1"),
+            "random_init_knn_best_of_cls_and_pooled": max(knn(random), knn(random, pooled=True)),
+            "random_init_linear_top1": random.get("linear_test_top1"),
+            "steps": pre.get("steps"), "calibrated_step_s": round(step_s, 3), "budget_minutes": minutes,
+            "train_images_per_s": pre.get("train_images_per_s"),
+            "stage_start_to_first_step_s": pre.get("stage_start_to_first_step_s"),
+            "pretrain_stage_s": manifests["pretrain"].get("seconds"), "eval_stage_s": manifests["eval"].get("seconds"),
+            "pipeline_wall_s": round(wall, 1),
+            "train_images": int(ours.get("train_images", 0)), "test_images": int(ours.get("test_images", 0)),
+            "preset": os.path.relpath(args.preset, REPO), "output_root": str(run_root),
+            "python": platform.python_version(), "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
+        },
+    }
+    if args.peer:
+        if peer_dir is None:
+            out["details"]["peer_lightly"] = "skipped: LightlyTrain is not installed (see stderr)"
+        else:
+            peer_row = rows[os.path.basename(str(peer_dir))]
+            peer_result = json.loads((work / "peer" / "result.json").read_text())
+            out["details"]["peer_lightly"] = {
+                "knn_k20_top1": knn(peer_row), "knn_pooled_patches": knn(peer_row, pooled=True),
+                "linear_top1": peer_row.get("linear_test_top1"), **peer_result}
+            out["details"]["ours_minus_peer_knn_points"] = round(100 * (knn(ours) - knn(peer_row)), 2)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""``dino-ray report OUTPUT_ROOT``: what a finished (or partly finished) run wrote, as one page.
+
+Everything comes from the files the stages write (each stage's ``_manifest.json``, the eval stage's
+``results.json``), never from memory or MLflow, so a report can be made on any machine that can read
+the output root, long after the run. The README's result tables are this command's output, pasted
+between ``<!-- report:NAME -->`` markers by ``--update-readme`` so no figure is typed by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import re
+from pathlib import Path
+from typing import Any
+
+from dino_ray import storage
+from dino_ray.evals.report import format_value
+
+MANIFEST = "_manifest.json"  # the pipeline's name for a completed stage's record
+STAGE_ORDER = ("curate", "pretrain", "highres", "distill", "eval")
+
+# (column title, key in an eval results row) for the headline table; missing keys show as "-".
+RESULT_COLUMNS = (("kNN@20 top-1", "knn_k20_top1"), ("kNN@20 on pooled patches", "knn_avgpool_k20_top1"),
+                  ("linear top-1", "linear_test_top1"), ("retrieval mAP", "retrieval_mAP"))
+# Stage summary figures worth a column in the timings table, in this order, when a stage has them.
+STAGE_FIGURES = ("pool_files", "pool_skipped", "duplicates_removed", "decontaminated", "kept",
+                 "images", "steps", "train_images_per_s", "stage_start_to_first_step_s")
+
+
+@dataclasses.dataclass
+class RunReport:
+    output_root: str
+    stages: dict[str, dict[str, Any]]  # stage name -> its manifest
+    results: list[dict[str, Any]]  # eval rows (dataset, backbone, metrics...), empty without eval
+
+    @property
+    def total_seconds(self) -> float:
+        return float(sum(m.get("seconds", 0.0) for m in self.stages.values()))
+
+
+def load_report(output_root: str) -> RunReport:
+    """Read the manifests under ``output_root``; fails with the path when there is nothing to report."""
+    if not storage.exists(output_root):
+        raise FileNotFoundError(f"{output_root}: no such output root")
+    stages: dict[str, dict[str, Any]] = {}
+    for child in storage.list_children(output_root):
+        uri = storage.join(child, MANIFEST)
+        if storage.exists(uri):
+            manifest = storage.read_json(uri)
+            stages[str(manifest.get("stage") or child.rstrip("/").rsplit("/", 1)[-1])] = manifest
+    if not stages:
+        raise FileNotFoundError(f"{output_root}: no completed stage (no */{MANIFEST}) to report on")
+    ordered = {name: stages[name] for name in sorted(stages, key=_stage_rank)}
+    results: list[dict[str, Any]] = []
+    eval_results = ordered.get("eval", {}).get("outputs", {}).get("results")
+    if eval_results and storage.exists(eval_results):
+        results = list(storage.read_json(eval_results))
+    return RunReport(output_root=output_root, stages=ordered, results=results)
+
+
+def _stage_rank(name: str) -> tuple[int, str]:
+    return (STAGE_ORDER.index(name) if name in STAGE_ORDER else len(STAGE_ORDER), name)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float) and 0.0 <= value <= 1.0 and not float(value).is_integer():
+        return f"{100 * value:.1f} %"
+    return format_value(value)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
+
+
+def results_table(report: RunReport) -> str:
+    """One row per (dataset, backbone): the headline metrics of the eval stage."""
+    if not report.results:
+        return "(no eval results under this output root)"
+    datasets = {r.get("dataset") for r in report.results}
+    header = (["dataset"] if len(datasets) > 1 else []) + ["backbone"] + [t for t, _ in RESULT_COLUMNS]
+    rows = [([r.get("dataset")] if len(datasets) > 1 else []) + [r.get("backbone")] +
+            [r.get(key) for _, key in RESULT_COLUMNS] for r in report.results]
+    return _table(header, rows)
+
+
+def verdict(report: RunReport, metric: str = "knn_k20_top1") -> str:
+    """One plain sentence per dataset: does the best trained backbone beat the baselines?"""
+    lines = []
+    for dataset in dict.fromkeys(r.get("dataset") for r in report.results):
+        rows = [r for r in report.results if r.get("dataset") == dataset and r.get(metric) is not None]
+        trained = [r for r in rows if r.get("backbone") not in ("pixels", "random")]
+        if not trained:
+            continue
+        best = max(trained, key=lambda r: r[metric])
+        parts = []
+        for name, label in (("pixels", "raw pixels"), ("random", "a randomly initialised ViT")):
+            base = next((r for r in rows if r.get("backbone") == name), None)
+            if base is None:
+                continue
+            gap = 100 * (best[metric] - base[metric])
+            parts.append(f"{'beats' if gap > 0 else 'loses to'} {label} by {abs(gap):.1f} points "
+                         f"({_cell(best[metric])} vs {_cell(base[metric])})")
+        if parts:
+            lines.append(f"{dataset}: the best trained backbone ({best.get('backbone')}) " + " and ".join(parts)
+                         + f" in {metric}.")
+    return "\n".join(lines)
+
+
+def stages_table(report: RunReport) -> str:
+    """Wall-clock seconds and the key counts of every completed stage."""
+    figures = [f for f in STAGE_FIGURES if any(f in m.get("summary", {}) for m in report.stages.values())]
+    rows = [[name, _duration(m.get("seconds", 0.0))] + [m.get("summary", {}).get(f) for f in figures]
+            for name, m in report.stages.items()]
+    rows.append(["**total**", _duration(report.total_seconds)] + [None] * len(figures))
+    return _table(["stage", "wall-clock"] + [f.replace("_", " ") for f in figures], rows)
+
+
+def machine_line() -> str:
+    """Where the figures were measured: timings depend on it, accuracies should not (see README)."""
+    import os
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = []
+    for pkg in ("torch", "ray", "deepspeed"):
+        try:
+            from importlib import metadata
+
+            versions.append(f"{pkg} {metadata.version(pkg)}")
+        except Exception:  # noqa: BLE001 - a missing package is simply not named
+            continue
+    return f"{cpu}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}, " + ", ".join(versions)
+
+
+def render(report: RunReport) -> str:
+    return "\n\n".join([
+        f"Output root `{report.output_root}`; measured on: {machine_line()}.",
+        results_table(report),
+        *([verdict(report)] if verdict(report) else []),
+        stages_table(report),
+    ]) + "\n"
+
+
+def update_readme(readme: str | Path, name: str, text: str) -> None:
+    """Replace what stands between ``<!-- report:NAME -->`` and ``<!-- /report:NAME -->``."""
+    path = Path(readme)
+    content = path.read_text()
+    start, end = f"<!-- report:{name} -->", f"<!-- /report:{name} -->"
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
+    if not pattern.search(content):
+        raise ValueError(f"{path}: no '{start} ... {end}' markers to put the report between")
+    path.write_text(pattern.sub(lambda _: f"{start}\n{text.rstrip()}\n{end}", content, count=1))
