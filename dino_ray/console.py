@@ -187,6 +187,7 @@ class Console:
         self._stage = None
 
     def stage_failed(self, name: str, error: BaseException, seconds: float) -> None:
+        """Where to look; the error itself reaches the console in full through the CLI's exit message."""
         self._stage = None
         where = f"; Ray's logs: {self.logs_dir}" if self.logs_dir else ""
         self.say(name, f"failed after {format_duration(seconds)}{where}")
