@@ -224,7 +224,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dino-ray: config error: {e}", file=sys.stderr)
         return 2
     except StageFailed as e:
-        print(f"dino-ray: {e}\n(outputs of earlier stages are kept; run the same command again to "
+        import traceback
+
+        # The cause's traceback is part of the error a user must see (where it failed, not only what).
+        cause = "".join(traceback.format_exception(e.__cause__)) if e.__cause__ is not None else ""
+        print(f"{cause}dino-ray: {e}\n(outputs of earlier stages are kept; run the same command again to "
               f"continue from the failed stage)", file=sys.stderr)
         return 1
 

@@ -28,7 +28,8 @@ def run_root(tmp_path):
     results.write_text(json.dumps([
         {"dataset": "digits", "backbone": "pretrain", "knn_k20_top1": 0.4125, "linear_test_top1": 0.385,
          "retrieval_mAP": 0.2261},
-        {"dataset": "digits", "backbone": "pixels", "knn_k20_top1": 0.99}]))
+        {"dataset": "digits", "backbone": "pixels", "knn_k20_top1": 0.99},
+        {"dataset": "digits", "backbone": "random", "knn_k20_top1": 0.078, "knn_avgpool_k20_top1": 0.485}]))
     _stage(root, "eval", 30.0, {"images_extracted_this_run": 10}, {"results": str(results)})
     # an unfinished stage (no manifest) is not reported
     (root / "distill").mkdir()
@@ -45,7 +46,8 @@ def test_report_reads_manifests_in_stage_order(run_root):
     assert "| curate | 1 min 01 s | 1434 | 73 | 23 | 1135 | - | - |" in text
     assert "| **total** | 3 min 36 s |" in text
     assert ("digits: the best trained backbone (pretrain) loses to raw pixels by 57.8 points (41.2 % vs 99.0 %) "
-            "in knn_k20_top1.") in text
+            "and loses to a randomly initialised ViT (the better of its CLS and pooled patches) by 7.3 points "
+            "(41.2 % vs 48.5 %) in knn_k20_top1.") in text
 
 
 def test_cli_report_updates_readme_between_markers(run_root, tmp_path, capsys):
