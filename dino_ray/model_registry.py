@@ -11,7 +11,9 @@ stage can find the version of the weights it judged and tag it with the results.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import tempfile
 from typing import Any, Mapping
 
 import torch
@@ -69,6 +71,19 @@ def _torch_requirement() -> str:
     return f"torch=={torch.__version__.split('+')[0]}"
 
 
+def _ensure_cwd() -> None:
+    """``torch.export`` (through its ``torch._dynamo`` config) reads ``os.getcwd()`` on import. A driver
+    started by ``ray job submit -- jobs/x.yaml`` can find its working directory (the job's unpacked
+    working_dir package) already removed by the time a stage exports, which would fail the stage after
+    training succeeded. Every path the pipeline uses is absolute (resolved when the job file is loaded),
+    so moving to the temp dir changes nothing else."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        log.warning("the working directory no longer exists; exporting from %s", tempfile.gettempdir())
+        os.chdir(tempfile.gettempdir())
+
+
 def log_and_register(tracking_uri: str, run_id: str, backbone_dir: str, name: str,
                      tags: Mapping[str, str], max_bytes: int | None = None) -> Any:
     """Log the backbone exported under ``backbone_dir`` as an MLflow model of run ``run_id`` and register
@@ -85,6 +100,7 @@ def log_and_register(tracking_uri: str, run_id: str, backbone_dir: str, name: st
     all_tags = {**{k: run.data.tags[k] for k in RUN_TAGS if k in run.data.tags}, **tags,
                 WEIGHTS_KEY_TAG: backbone_io.weights_key(backbone_dir), "dino_ray.backbone_uri": backbone_dir,
                 "dino_ray.vit": backbone_io.describe(backbone_dir)}
+    _ensure_cwd()
     model = TokenFeatures(backbone_io.load_backbone(backbone_dir)).eval()
     example, signature = _example_and_signature(model)
     # The LoggedModel is created explicitly so that it lands in the run's experiment: log_model alone
