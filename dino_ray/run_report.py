@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dino_ray import storage
+from dino_ray.console import format_duration
 from dino_ray.evals.report import format_value
 
 MANIFEST = "_manifest.json"  # the pipeline's name for a completed stage's record
@@ -75,11 +76,6 @@ def _cell(value: Any) -> str:
     return format_value(value)
 
 
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(int(round(seconds)), 60)
-    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
-
-
 def results_table(report: RunReport) -> str:
     """One row per (dataset, backbone): the headline metrics of the eval stage."""
     if not report.results:
@@ -121,9 +117,9 @@ def verdict(report: RunReport, metric: str = "knn_k20_top1") -> str:
 def stages_table(report: RunReport) -> str:
     """Wall-clock seconds and the key counts of every completed stage."""
     figures = [f for f in STAGE_FIGURES if any(f in m.get("summary", {}) for m in report.stages.values())]
-    rows = [[name, _duration(m.get("seconds", 0.0))] + [m.get("summary", {}).get(f) for f in figures]
+    rows = [[name, format_duration(m.get("seconds", 0.0))] + [m.get("summary", {}).get(f) for f in figures]
             for name, m in report.stages.items()]
-    rows.append(["**total**", _duration(report.total_seconds)] + [None] * len(figures))
+    rows.append(["**total**", format_duration(report.total_seconds)] + [None] * len(figures))
     return _table(["stage", "wall-clock"] + [f.replace("_", " ") for f in figures], rows)
 
 

@@ -43,7 +43,7 @@ def test_report_reads_manifests_in_stage_order(run_root):
     text = render(report)
     assert "| pretrain | 41.2 % | - | 38.5 % | 22.6 % |" in text
     assert "| pixels | 99.0 % | - | - | - |" in text
-    assert "| curate | 1 min 01 s | 1434 | 73 | 23 | 1135 | - | - |" in text
+    assert "| curate | 1 min 1 s | 1434 | 73 | 23 | 1135 | - | - |" in text
     assert "| **total** | 3 min 36 s |" in text
     assert ("digits: the best trained backbone (pretrain) loses to raw pixels by 57.8 points (41.2 % vs 99.0 %) "
             "and loses to a randomly initialised ViT (the better of its CLS and pooled patches) by 7.3 points "
