@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--update-readme", metavar="NAME",
                     help="also put the report between <!-- report:NAME --> markers in README.md")
     rp.add_argument("--readme", default="README.md", help="the file --update-readme edits (default: README.md)")
+    rp.add_argument("--compare", metavar="OTHER_ROOT",
+                    help="also say how far a second run of the same job (same seed) landed from this one")
     rp.set_defaults(overrides=[])
 
     sm = sub.add_parser("submit", help="submit a job YAML to a Ray cluster's job server and stream its logs")
@@ -110,7 +112,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from dino_ray.run_report import load_report, render, update_readme
 
     try:
-        text = render(load_report(args.output_root))
+        text = render(load_report(args.output_root), load_report(args.compare) if args.compare else None)
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
     print(text, end="")

@@ -146,12 +146,39 @@ def machine_line() -> str:
     return f"{cpu}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}, " + ", ".join(versions)
 
 
-def render(report: RunReport) -> str:
+def compare(report: RunReport, other: RunReport) -> str:
+    """How far a second run of the same job landed from this one: curation counts and every eval metric.
+
+    For the reproducibility claim in the README: same seed, same machine, two output roots."""
+    lines = [f"Compared with `{other.output_root}`:"]
+    counts = ("duplicates_removed", "decontaminated", "kept")
+    a, b = report.stages.get("curate", {}).get("summary", {}), other.stages.get("curate", {}).get("summary", {})
+    if a and b:
+        same = all(a.get(k) == b.get(k) for k in counts)
+        lines.append(f"- curation counts ({', '.join(counts)}): "
+                     + ("identical" if same else ", ".join(f"{k} {a.get(k)} vs {b.get(k)}" for k in counts)))
+    theirs = {(r.get("dataset"), r.get("backbone")): r for r in other.results}
+    for prefix, label in (("knn_", "kNN"), ("linear_test_", "linear probe"), ("retrieval_", "retrieval")):
+        worst, where = 0.0, ""
+        for row in report.results:
+            twin = theirs.get((row.get("dataset"), row.get("backbone")), {})
+            for key, value in row.items():
+                if key.startswith(prefix) and isinstance(value, (int, float)) and isinstance(twin.get(key), (int, float)):
+                    gap = abs(float(value) - float(twin[key]))
+                    if gap > worst:
+                        worst, where = gap, f" ({row.get('backbone')} {key}: {_cell(value)} vs {_cell(twin[key])})"
+        lines.append(f"- {label} metrics: " + (f"largest difference {100 * worst:.2f} points{where}" if worst
+                                                else "identical"))
+    return "\n".join(lines)
+
+
+def render(report: RunReport, other: RunReport | None = None) -> str:
     return "\n\n".join([
         f"Output root `{report.output_root}`; measured on: {machine_line()}.",
         results_table(report),
         *([verdict(report)] if verdict(report) else []),
         stages_table(report),
+        *([compare(report, other)] if other is not None else []),
     ]) + "\n"
 
 

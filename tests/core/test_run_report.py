@@ -70,3 +70,20 @@ def test_report_errors_name_the_path(tmp_path, capsys):
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="report:x"):
         update_readme(readme, "x", "t")
+
+
+def test_compare_two_runs_names_the_largest_difference(run_root, tmp_path):
+    import shutil
+
+    other = tmp_path / "again"
+    shutil.copytree(run_root, other)
+    results = json.loads((other / "eval" / "results.json").read_text())
+    results[0]["linear_test_top1"] = 0.41
+    (other / "eval" / "results.json").write_text(json.dumps(results))
+    manifest = json.loads((other / "eval" / "_manifest.json").read_text())
+    manifest["outputs"]["results"] = str(other / "eval" / "results.json")  # each run's own output
+    (other / "eval" / "_manifest.json").write_text(json.dumps(manifest))
+    text = render(load_report(str(run_root)), load_report(str(other)))
+    assert "- curation counts (duplicates_removed, decontaminated, kept): identical" in text
+    assert "- kNN metrics: identical" in text
+    assert "- linear probe metrics: largest difference 2.50 points (pretrain linear_test_top1: 38.5 % vs 41.0 %)" in text
