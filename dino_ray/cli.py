@@ -92,8 +92,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         Pipeline(job, ensure_ray=ensure_ray, events=console).run(force=args.force)
     finally:
         console.close()
-    console.finish(time.time() - start, job.output_root, tracking.resolve_tracking_uri(job.tracking.tracking_uri),
-                   with_results="eval" in job.stages)
+    tracking_uri = tracking.resolve_tracking_uri(job.tracking.tracking_uri)
+    console.finish(time.time() - start, job.output_root, tracking_uri, with_results="eval" in job.stages,
+                   experiment_id=tracking.find_experiment_id(tracking_uri, job.tracking.experiment))
     return 0
 
 

@@ -90,15 +90,27 @@ def key_figures(summary: Mapping[str, Any], limit: int = 8) -> str:
     return ", ".join(items[:limit])
 
 
-def mlflow_hint(tracking_uri: str) -> str:
-    """How to open the runs: the UI command for a local store, else the server's address."""
-    if tracking_uri.startswith(("http://", "https://", "databricks")):
+def experiment_page(base_url: str, experiment_id: str | None) -> str:
+    """The experiment's page in the MLflow UI, opened on its training runs: MLflow 3's UI shows a
+    GenAI view (traces, "no data") unless the URL or a remembered toggle asks for model training."""
+    base = base_url.rstrip("/")
+    if not experiment_id:
+        return base
+    return f"{base}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
+def mlflow_hint(tracking_uri: str, experiment_id: str | None = None) -> str:
+    """How to open the runs: the UI command for a local store, else the server's page."""
+    if tracking_uri.startswith("databricks"):
         return tracking_uri
+    if tracking_uri.startswith(("http://", "https://")):
+        return experiment_page(tracking_uri, experiment_id)
     if tracking_uri.startswith("sqlite:///"):
         path = tracking_uri[len("sqlite:///"):]
         rel = os.path.relpath(path)
         tracking_uri = f"sqlite:///{rel if not rel.startswith('..') else path}"
-    return f"mlflow ui --backend-store-uri {tracking_uri}   (then http://127.0.0.1:5000)"
+    return (f"mlflow ui --backend-store-uri {tracking_uri}   "
+            f"(then {experiment_page('http://127.0.0.1:5000', experiment_id)})")
 
 
 # ------------------------------------------------------------------------------------------- output
@@ -240,7 +252,8 @@ class Console:
             self.stream.flush()
 
     # ------------------------------------------------------------------ the end
-    def finish(self, seconds: float, output_root: str, tracking_uri: str, with_results: bool = True) -> None:
+    def finish(self, seconds: float, output_root: str, tracking_uri: str, with_results: bool = True,
+               experiment_id: str | None = None) -> None:
         """The closing block: total time, the eval results (as ``dino-ray report`` shows them) unless the
         job had no eval stage (they would be of other backbones), where to look."""
         from dino_ray.run_report import load_report, results_table
@@ -251,7 +264,7 @@ class Console:
         if with_results and report.results:
             table = report.stages["eval"].get("outputs", {}).get("table")
             lines += [results_table(report), f"(all metrics: {table})", ""]
-        lines += [f"MLflow:   {mlflow_hint(tracking_uri)}", f"outputs:  {output_root}"]
+        lines += [f"MLflow:   {mlflow_hint(tracking_uri, experiment_id)}", f"outputs:  {output_root}"]
         with self._lock:
             self.stream.write("\n".join(lines) + "\n")
             self.stream.flush()

@@ -63,6 +63,15 @@ def safe_params(flat: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
+def find_experiment_id(tracking_uri: str, name: str) -> str | None:
+    """The id of the experiment called ``name``, or None (never creates one; for links after a run)."""
+    try:
+        exp = fluent(tracking_uri).MlflowClient(tracking_uri).get_experiment_by_name(name)
+    except Exception:  # noqa: BLE001 - a link is a courtesy; an unreachable server already failed the run
+        return None
+    return exp.experiment_id if exp is not None else None
+
+
 def experiment_id(tracking_uri: str, name: str) -> str:
     """The experiment called ``name``, created if needed; either way tagged as a model-training one."""
     client = fluent(tracking_uri).MlflowClient(tracking_uri)

@@ -75,7 +75,11 @@ def _features(cand: Candidate, split: str, rows: list[dict], ds_cfg: Any, job: A
 
 
 def _linear_trial(config: dict) -> None:
-    """One Tune trial: every learning rate of one input layout, trained in one pass over the features."""
+    """One Tune trial: every learning rate of one input layout, trained in one pass over the features.
+
+    The thread count is set from the trial's CPUs, not left to the worker's environment: a float sum
+    split over a different number of threads rounds differently, and a probe must score the same twice."""
+    import torch
     from ray import tune
 
     from dino_ray.evals.linear import evaluate_head, split_train_val, train_linear_grid
@@ -85,6 +89,7 @@ def _linear_trial(config: dict) -> None:
         ok = np.array([not r for r in meta["skip_reason"]])
         return {k: v[ok] for k, v in feats.items()}, meta["label"][ok].astype(np.int64)
 
+    torch.set_num_threads(max(1, int(config["threads"])))
     train_x, train_y = load(config["train_shards"])
     test_x, test_y = load(config["test_shards"])
     tr, va = split_train_val(train_y, config["val_fraction"], seed=config["seed"])
@@ -105,6 +110,7 @@ def linear_sweep(name: str, train_shards: list[str], test_shards: list[str], lay
     trainable = tune.with_resources(_linear_trial, {"cpu": cfg.linear_trial_cpus})
     param_space = {"train_shards": train_shards, "test_shards": test_shards, "linear": cfg.linear,
                    "val_fraction": cfg.val_fraction, "seed": job.seed,
+                   "threads": cfg.linear_trial_cpus,
                    "layout": tune.grid_search([list(x) for x in layouts])}
     param_space["n_blocks"] = tune.sample_from(lambda config: config["layout"][0])
     param_space["avgpool"] = tune.sample_from(lambda config: config["layout"][1])

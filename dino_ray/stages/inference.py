@@ -143,6 +143,17 @@ class ShardedRun:
         return max(1, -(-len(self.rows) // self.shard_size))
 
 
+def in_input_order(chunk: Sequence[dict], meta: dict[str, list], feats: dict[str, np.ndarray]
+                   ) -> tuple[dict[str, list], dict[str, np.ndarray]]:
+    """Rows back in the order of ``chunk`` (matched by id, then uri).
+
+    Ray Data returns blocks as actors finish them, so without this a shard's row order, and everything
+    trained on it by row index (the linear probe's minibatches), changes from run to run."""
+    position = {(str(r["id"]), str(r["uri"])): j for j, r in enumerate(chunk)}
+    order = np.argsort([position[(str(i), str(u))] for i, u in zip(meta["id"], meta["uri"])], kind="stable")
+    return {k: [v[j] for j in order] for k, v in meta.items()}, {k: v[order] for k, v in feats.items()}
+
+
 def run_inference(rows: Sequence[dict], spec: InferenceSpec, out_uri: str, *, num_actors: int = 1,
                   cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0, batch_size: int = 64,
                   shard_size: int = 4096, task: str = "inference") -> tuple[list[str], int]:
@@ -177,7 +188,8 @@ def run_inference(rows: Sequence[dict], spec: InferenceSpec, out_uri: str, *, nu
             for k, v in batch.items():
                 if k not in meta:
                     feats.setdefault(k, []).append(np.stack(list(v)).astype(np.float32))
-        feature_store.write_features(uri, meta, {k: np.concatenate(v) for k, v in feats.items()})
+        meta, stacked = in_input_order(chunk, meta, {k: np.concatenate(v) for k, v in feats.items()})
+        feature_store.write_features(uri, meta, stacked)
         run.written.append(uri)
         computed += len(chunk)
         log.info("wrote %s (%d rows)", uri, len(chunk))

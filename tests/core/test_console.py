@@ -37,6 +37,10 @@ def test_mlflow_hint_for_local_store_and_server(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert mlflow_hint(f"sqlite:///{tmp_path}/mlflow.db").startswith("mlflow ui --backend-store-uri sqlite:///mlflow.db")
     assert mlflow_hint("http://mlflow.example:5000") == "http://mlflow.example:5000"
+    assert mlflow_hint("http://mlflow.example:5000/", "7") == \
+        "http://mlflow.example:5000/#/experiments/7?workflowType=machine_learning"
+    assert mlflow_hint(f"sqlite:///{tmp_path}/mlflow.db", "3").endswith(
+        "(then http://127.0.0.1:5000/#/experiments/3?workflowType=machine_learning)")
 
 
 def test_live_line_rewrites_a_terminal_and_paces_a_log():

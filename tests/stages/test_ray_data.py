@@ -169,3 +169,39 @@ def test_multicrop_dataset_batches_and_epochs(ray_session, good_jpegs, tmp_path)
     assert set(epoch0) == set(epoch1) and len(epoch0) == 8
     assert all(not torch.equal(epoch0[k], (epoch1[k].float() / 255 - torch.tensor(SMALL_CROPS.mean).view(3, 1, 1))
                                / torch.tensor(SMALL_CROPS.std).view(3, 1, 1)) for k in epoch0)
+
+
+def test_inference_shards_keep_input_order_and_count_bad_files(ray_session, bad_input_folder, tmp_path):
+    """Two actors finish blocks in any order; the written shard must still list rows in input order (the
+    linear probe's minibatches are drawn by row index), and a corrupt image is a skip row, not a crash."""
+    from dino_ray import feature_store
+    from dino_ray.stages.inference import InferenceSpec, run_inference
+
+    root, expected = bad_input_folder
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    rows = [{"id": str(p.relative_to(root)), "uri": str(p), "label": i % 3} for i, p in enumerate(files)][::-1]
+    spec = InferenceSpec(backbone=None, image_size=16, mode="pixels", decode=DecodeConfig(max_pixels=150_000),
+                         pixel_size=8)
+    shards, computed = run_inference(rows, spec, str(tmp_path / "feats"), num_actors=2, cpus_per_actor=0.5,
+                                     batch_size=2, shard_size=16)
+    assert computed == len(rows) and len(shards) == 2
+    meta, feats = feature_store.read_features(shards)
+    assert list(meta["id"]) == [r["id"] for r in rows]
+    assert list(meta["label"]) == [r["label"] for r in rows]
+    skipped = {i for i, reason in zip(meta["id"], meta["skip_reason"]) if reason}
+    assert skipped == set(expected)
+    again, recomputed = run_inference(rows, spec, str(tmp_path / "feats"), num_actors=2, cpus_per_actor=0.5,
+                                       batch_size=2, shard_size=16)
+    assert again == shards and recomputed == 0  # finished shards are reused, not recomputed
+
+
+def test_in_input_order_undoes_any_arrival_order():
+    from dino_ray.stages.inference import in_input_order
+
+    chunk = [{"id": f"img{i}", "uri": f"/d/img{i}.jpg", "label": i} for i in range(6)]
+    arrival = [3, 0, 5, 1, 4, 2]
+    meta = {"id": [f"img{i}" for i in arrival], "uri": [f"/d/img{i}.jpg" for i in arrival],
+            "label": arrival, "skip_reason": [""] * 6}
+    meta, feats = in_input_order(chunk, meta, {"cls_1": np.array(arrival, np.float32)[:, None]})
+    assert meta["id"] == [f"img{i}" for i in range(6)] and meta["label"] == list(range(6))
+    assert feats["cls_1"][:, 0].tolist() == list(range(6))
