@@ -142,6 +142,15 @@ def run_peer(python: str, train_dir: Path, job, minutes: float, out: Path) -> Pa
     return out / "lightly_train"
 
 
+def monitor_curve(job, manifest: dict) -> list[tuple[int, float]]:
+    """(step, kNN top-1) of the teacher on the monitor subset over the run, from the stage's MLflow run."""
+    import mlflow
+
+    client = mlflow.MlflowClient(job.tracking.tracking_uri)
+    history = client.get_metric_history(manifest["mlflow_run_id"], "monitor/knn_top1")
+    return sorted((m.step, round(m.value, 4)) for m in history)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=30.0, help="training budget (default 30)")
@@ -175,6 +184,10 @@ def main() -> None:
         f"pretrain.train.checkpoint_every={steps}", f"pretrain.train.log_every={max(1, steps // 20)}",
         f"eval.backbones=[{', '.join(backbones)}]", "eval.baselines=[random, pixels]", "eval.knn.ks=[20]",
         f"eval.datasets=[{{name: cifar10, image_size: 32, train: {train}, test: {test}}}]",
+        # the live monitor (docs/monitoring.md): kNN of the teacher on a CIFAR subset, six points over the run
+        f"pretrain.monitor={{every: {max(1, steps // 6)}, pca_images: 4, "
+        f"train: {{uri: {data / 'train'}, labels_from_folders: true, max_images: 2000}}, "
+        f"test: {{uri: {data / 'test'}, labels_from_folders: true, max_images: 500}}}}",
     ]
     job = load_job(args.preset, overrides)
     init_ray(job.ray.address, job.ray.num_cpus)
@@ -203,6 +216,9 @@ def main() -> None:
             "steps": pre.get("steps"), "calibrated_step_s": round(step_s, 3), "budget_minutes": minutes,
             "train_images_per_s": pre.get("train_images_per_s"),
             "stage_start_to_first_step_s": pre.get("stage_start_to_first_step_s"),
+            "monitor_share_of_training_time": pre.get("monitor_share"),
+            "monitor_knn_curve": monitor_curve(job, manifests["pretrain"]),
+            "collapse_alarms": pre.get("alarm_codes", ""),
             "pretrain_stage_s": manifests["pretrain"].get("seconds"), "eval_stage_s": manifests["eval"].get("seconds"),
             "pipeline_wall_s": round(wall, 1),
             "train_images": int(ours.get("train_images", 0)), "test_images": int(ours.get("test_images", 0)),

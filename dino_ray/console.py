@@ -25,7 +25,7 @@ import warnings
 from typing import Any, Callable, Iterable, Mapping, TextIO
 
 from dino_ray.evals.report import format_value
-from dino_ray.progress import Snapshot
+from dino_ray.progress import Note, Snapshot
 
 log = logging.getLogger("dino_ray.console")
 
@@ -205,8 +205,13 @@ class Console:
         self.say(name, f"failed after {format_duration(seconds)}{where}")
 
     # ------------------------------------------------------------------ progress
-    def add(self, snapshots: Iterable[Snapshot]) -> None:
-        """Take snapshots of the running stage (older ones are late reports of an earlier stage)."""
+    def add(self, snapshots: Iterable[Snapshot | Note]) -> None:
+        """Take snapshots of the running stage (older ones are late reports of an earlier stage); print
+        notes (alarms) on their own lines, whatever stage they come from."""
+        snapshots = list(snapshots)
+        for note in (s for s in snapshots if isinstance(s, Note)):
+            self.say("!", note.text)
+        snapshots = [s for s in snapshots if isinstance(s, Snapshot)]
         with self._lock:
             if self._stage is None:
                 return

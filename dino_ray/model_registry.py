@@ -110,7 +110,17 @@ def log_and_register(tracking_uri: str, run_id: str, backbone_dir: str, name: st
     model_info = mlflow.pytorch.log_model(model, name=name, model_id=logged.model_id, run_id=run_id,
                                           input_example=example, signature=signature, serialization_format="pt2",
                                           pip_requirements=[_torch_requirement()])
-    return mlflow.register_model(model_info.model_uri, name, tags=all_tags)
+    # register_model prints "Registered model ... already exists" / "Created version ..." to stderr; keep
+    # them out of the console (it says what each stage did) and in the log (--verbose shows them).
+    import contextlib
+    import io
+
+    said = io.StringIO()
+    with contextlib.redirect_stderr(said):
+        version = mlflow.register_model(model_info.model_uri, name, tags=all_tags)
+    for line in said.getvalue().splitlines():
+        log.info("%s", line)
+    return version
 
 
 def tag_versions(tracking_uri: str, weights_key: str, tags: Mapping[str, Any]) -> list[Any]:

@@ -54,18 +54,31 @@ class Snapshot:
         return None if rate is None or self.finished else (self.total - self.done) / rate
 
 
+@dataclasses.dataclass(frozen=True)
+class Note:
+    """A message the console must print as it is (e.g. a collapse alarm), never merged or dropped."""
+
+    text: str
+    at: float
+
+
 class Board:
-    """The actor body: the latest snapshot of each task, handed to the console once."""
+    """The actor body: the latest snapshot of each task and every note, handed to the console once."""
 
     def __init__(self) -> None:
         self._latest: dict[str, Snapshot] = {}
+        self._notes: list[Note] = []
 
     def put(self, snapshot: Snapshot) -> None:
         self._latest[snapshot.task] = snapshot
 
-    def drain(self) -> list[Snapshot]:
-        out = list(self._latest.values())
+    def put_note(self, note: Note) -> None:
+        self._notes.append(note)
+
+    def drain(self) -> list[Snapshot | Note]:
+        out: list[Snapshot | Note] = [*self._latest.values(), *self._notes]
         self._latest.clear()
+        self._notes.clear()
         return out
 
 
@@ -94,6 +107,17 @@ class Reporter:
         self._board = _find_board()
         self._base: tuple[int, float] | None = None
         self._last_sent = float("-inf")
+
+    @staticmethod
+    def note(text: str) -> None:
+        """Hand ``text`` to the console (printed on its own line); a no-op without a console."""
+        board = _find_board()
+        if board is None:
+            return
+        try:
+            board.put_note.remote(Note(text, time.time()))
+        except Exception:  # noqa: BLE001 - like progress, a note must never break the work
+            log.debug("progress board unreachable; note dropped", exc_info=True)
 
     def update(self, done: int, **figures: float) -> None:
         """Called as often as convenient (every step): sends only every ``every_s`` and at the end."""

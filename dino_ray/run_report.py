@@ -26,7 +26,8 @@ RESULT_COLUMNS = (("kNN@20 top-1", "knn_k20_top1"), ("kNN@20 on pooled patches",
                   ("linear top-1", "linear_test_top1"), ("retrieval mAP", "retrieval_mAP"))
 # Stage summary figures worth a column in the timings table, in this order, when a stage has them.
 STAGE_FIGURES = ("pool_files", "pool_skipped", "duplicates_removed", "decontaminated", "kept",
-                 "images", "steps", "train_images_per_s", "stage_start_to_first_step_s")
+                 "images", "steps", "train_images_per_s", "stage_start_to_first_step_s", "monitor_share",
+                 "collapse_alarms")
 
 
 @dataclasses.dataclass

@@ -22,6 +22,7 @@ from dino_ray.data.crop_config import MultiCropConfig
 from dino_ray.data.sources import SourceConfig
 from dino_ray.evals.config import LinearGridConfig
 from dino_ray.losses.config import LossConfig
+from dino_ray.train.alarms import CollapseConfig
 from dino_ray.train.schedules import ScheduleConfig
 
 ARCH_NAMES = ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant2")
@@ -89,6 +90,36 @@ class TrainConfig:
     data_cpus: float = bounded(0.25, gt=0.0)  # CPUs per preprocessing task (fractional: shares small clusters)
     data_workers: int = bounded(2, ge=1)  # preprocessing actors per train worker
     threads_per_worker: Optional[int] = bounded(None, ge=1)  # torch intra-op threads (None: leave as is)
+    # What a collapse alarm does (dino_ray.train.alarms): warn = log + tag the MLflow run and go on;
+    # stop = also end the stage with an error, after checkpointing the current step.
+    on_collapse: Literal["warn", "stop"] = "warn"
+    collapse: CollapseConfig = field(default_factory=CollapseConfig)
+
+
+@dataclass
+class MonitorConfig:
+    """A small labeled set measured every ``every`` steps while a stage trains (dino_ray.evals.monitor):
+    kNN and a closed-form linear probe on the model's CLS features, raw pixels once as the reference,
+    and a patch-PCA picture, all logged to the stage's MLflow run. ``every: 0`` turns it off."""
+
+    train: SourceConfig = field(default_factory=lambda: SourceConfig(uri="", labels_from_folders=True))
+    test: SourceConfig = field(default_factory=lambda: SourceConfig(uri="", labels_from_folders=True))
+    every: int = bounded(0, ge=0)
+    image_size: Optional[int] = bounded(None, gt=0)  # None: the stage's global crop size
+    knn_k: int = bounded(20, ge=1)
+    ridge: float = bounded(1e-2, gt=0.0)  # closed-form probe penalty, relative to the mean Gram eigenvalue
+    batch_size: int = bounded(256, ge=1)
+    pca_images: int = bounded(4, ge=0)
+
+    def validate(self) -> None:
+        if self.every and not (self.train.uri and self.test.uri):
+            raise ValueError("monitor.every is set, so monitor.train.uri and monitor.test.uri must name labeled "
+                             "folders (one sub-folder per class)")
+        for split in ("train", "test"):
+            src = getattr(self, split)
+            if self.every and not (src.labels_from_folders or src.label_column):
+                raise ValueError(f"monitor.{split} has no labels: set monitor.{split}.labels_from_folders: true (one "
+                                 f"sub-folder per class) or monitor.{split}.label_column")
 
 
 @dataclass
@@ -120,6 +151,7 @@ class PretrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def validate(self) -> None:
         check_patch_grid(self.model, self.data)
@@ -140,6 +172,7 @@ class HighResConfig:
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(
         total_iters=10_000, warmup_iters=1000, warmup_teacher_temp_iters=0, freeze_last_layer_iters=0))
     train: TrainConfig = field(default_factory=TrainConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
 
 @dataclass
@@ -159,6 +192,7 @@ class DistillConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def validate(self) -> None:
         if not self.students:
@@ -296,7 +330,8 @@ class JobConfig:
             return os.path.abspath(os.path.join(base or os.getcwd(), os.path.expanduser(uri)))
 
         self.output_root = fix(self.output_root)
-        sources = [self.curate.pool, *self.curate.eval_sets, self.pretrain.data.source, self.highres.data.source,
+        monitors = [m for st in (self.pretrain, self.highres, self.distill) for m in (st.monitor.train, st.monitor.test)]
+        sources = [*monitors, self.curate.pool, *self.curate.eval_sets, self.pretrain.data.source, self.highres.data.source,
                    self.distill.data.source, *[d.train for d in self.eval.datasets], *[d.test for d in self.eval.datasets]]
         if self.curate.seed_set is not None:
             sources.append(self.curate.seed_set)
@@ -322,6 +357,11 @@ class JobConfig:
         for stage in ("pretrain", "distill"):
             if stage in self.stages and getattr(self, stage).data.source.uri:
                 checks.append((f"{stage}.data.source.uri", getattr(self, stage).data.source.uri))
+        for stage in ("pretrain", "highres", "distill"):
+            monitor = getattr(self, stage).monitor
+            if stage in self.stages and monitor.every:
+                checks += [(f"{stage}.monitor.train.uri", monitor.train.uri), (f"{stage}.monitor.test.uri",
+                                                                                 monitor.test.uri)]
         if "eval" in self.stages:
             for i, d in enumerate(self.eval.datasets):
                 checks += [(f"eval.datasets[{i}].train.uri", d.train.uri), (f"eval.datasets[{i}].test.uri", d.test.uri)]

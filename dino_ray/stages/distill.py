@@ -9,7 +9,7 @@ from __future__ import annotations
 from dino_ray import storage
 from dino_ray.pipeline import StageContext, StageResult
 from dino_ray.stages.train_loop import LoopSpec, StudentSpec
-from dino_ray.stages.training import index_for, log_backbone, run_training
+from dino_ray.stages.training import alarm_summary, index_for, log_backbone, run_training
 
 TEACHER_STAGES = ("highres", "pretrain")
 
@@ -22,7 +22,7 @@ def run(job, ctx: StageContext) -> StageResult:
     spec = LoopSpec(stage="distill", students=[StudentSpec(s.name, s.model) for s in cfg.students], loss=cfg.loss,
                     schedule=cfg.schedule, train=cfg.train, data=cfg.data, index_uri=index_uri, n_images=n_images,
                     seed=job.seed, output_dir=out, tracking_uri=ctx.tracking_uri, run_id=ctx.run_id,
-                    teacher_from=teacher, masking=False)
+                    teacher_from=teacher, masking=False, monitor=cfg.monitor)
     if len(spec.students) == 1:
         spec.output_dir = storage.join(out, cfg.students[0].name)
     value = run_training(spec, ctx)
@@ -30,5 +30,5 @@ def run(job, ctx: StageContext) -> StageResult:
     for s in cfg.students:
         log_backbone(ctx, outputs[f"student/{s.name}"], s.name)
     return StageResult(outputs={**outputs, "train_state": ctx.path("ray_train")},
-                       summary={**value["timing"], "images": n_images, "steps": value["final_step"], "students": len(cfg.students),
+                       summary={**value["timing"], **alarm_summary(value), "images": n_images, "steps": value["final_step"], "students": len(cfg.students),
                                 "teacher": teacher})

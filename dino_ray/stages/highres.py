@@ -10,7 +10,7 @@ import dataclasses
 
 from dino_ray.pipeline import StageContext, StageResult
 from dino_ray.stages.train_loop import LoopSpec, StudentSpec
-from dino_ray.stages.training import index_for, log_backbone, run_training
+from dino_ray.stages.training import alarm_summary, index_for, log_backbone, run_training
 
 
 def run(job, ctx: StageContext) -> StageResult:
@@ -21,8 +21,8 @@ def run(job, ctx: StageContext) -> StageResult:
     spec = LoopSpec(stage="highres", students=[StudentSpec("teacher", model)], loss=cfg.loss, schedule=cfg.schedule,
                     train=cfg.train, data=cfg.data, index_uri=index_uri, n_images=n_images, seed=job.seed,
                     output_dir=out, tracking_uri=ctx.tracking_uri, run_id=ctx.run_id,
-                    init_from=ctx.input("pretrain", "backbone"))
+                    init_from=ctx.input("pretrain", "backbone"), monitor=cfg.monitor)
     value = run_training(spec, ctx)
     log_backbone(ctx, out)
     return StageResult(outputs={"backbone": out, "train_state": ctx.path("ray_train")},
-                       summary={**value["timing"], "images": n_images, "steps": value["final_step"], "img_size": cfg.img_size})
+                       summary={**value["timing"], **alarm_summary(value), "images": n_images, "steps": value["final_step"], "img_size": cfg.img_size})

@@ -63,6 +63,7 @@ class LoopSpec:
     init_from: str | None = None  # an SSL checkpoint dir (ssl_model.pth) to start the student from
     teacher_from: str | None = None  # distill: frozen teacher SSL checkpoint dir
     masking: bool = True  # distill students train without masking (paper, section 5)
+    monitor: Any = None  # MonitorConfig: the labeled set measured while training (None/every 0: off)
 
 
 SSL_WEIGHTS = "ssl_model.pth"  # backbone + heads of the teacher, for high-res and distillation
@@ -234,6 +235,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     from dino_ray.data.multicrop import normalize_batch
     from dino_ray.progress import Reporter
     from dino_ray.stages.ssl_stream import StreamSpec, ssl_batches
+    from dino_ray.stages.watch import TrainingWatch
     from dino_ray.train.param_groups import apply_schedules, build_param_groups
     from dino_ray.train.schedules import TrainSchedules
     from dino_ray.train.ssl_arch import SSLObjective
@@ -306,8 +308,18 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     n_global, n_local = spec.data.crops.global_crops_number, spec.data.crops.local_crops_number
     autocast = mixed.autocast(precision, device)
     step = start_step
+    watch = TrainingWatch(spec, [m.name for m in members], rank, world, autocast, start_step)
+
+    def monitored() -> list[tuple[str, torch.nn.Module]]:
+        return [(m.name, m.ema.module.backbone) for m in members]
+
+    if watch.is_monitor_step(step):  # the untrained model: where the curves start
+        row = watch.measure(step, monitored(), teacher.module.backbone if distill else None)
+        buffer.add(step, row)
+        watch.verdict(step, row, device)
     t_last, imgs_since = time.time(), 0
     first_step_at, first_step = None, start_step  # stage overhead and steady-state speed, for the summary
+    monitor_s = 0.0  # time spent on monitor points after the first step (part of the steady-state time)
     progress = Reporter(spec.stage.replace("_", " "), total, "steps") if rank == 0 else None
     for batch in ssl_batches(stream, spec.data, num_actors=spec.train.data_workers,
                              cpus_per_actor=spec.train.data_cpus):
@@ -320,6 +332,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         with torch.no_grad(), autocast:
             t_out = teacher(crops["global_crops"], None, masks, apply_masks=False)
         metrics: dict[str, float] = dict(values)
+        is_log = (step + 1) % spec.train.log_every == 0 or step + 1 == total
         for m, objective in zip(members, objectives):
             targets = objective.teacher_targets(t_out, values["teacher_temp"], n_global)
             apply_schedules(m.engine.optimizer, values["lr"], values["wd"], values["last_layer_lr"])
@@ -337,6 +350,9 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             m.ema_update(values["mom"])
             prefix = "" if len(members) == 1 else f"{m.name}/"
             metrics.update({prefix + k: v for k, v in terms.items()})
+            if is_log:  # the exported model's features: the EMA teacher's in pretrain, the student's in distill
+                cls_tokens = s_out["global_cls_tokens"] if distill else t_out["global_cls_tokens"]
+                metrics.update(watch.diagnostics(m.name, targets, cls_tokens, terms))
         step += 1
         imgs_since += global_batch
         if first_step_at is None:
@@ -344,14 +360,29 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         if progress is not None:  # throttled and fire-and-forget: costs the step nothing
             progress.update(step, **{k.replace("total_loss", "loss"): v for k, v in metrics.items()
                                      if k.endswith("total_loss")})
-        if step % spec.train.log_every == 0 or step == total:
+        row: dict[str, float] = {}
+        if is_log:
             metrics = _mean_over_ranks(metrics, device)
             now = time.time()
             metrics["images_per_s"] = imgs_since / max(now - t_last, 1e-9)
             if device.type == "cuda":
                 metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
             t_last, imgs_since = now, 0
-            buffer.add(step, metrics)
+            row.update(metrics)
+        if watch.is_monitor_step(step):
+            t_monitor = time.time()
+            row.update(watch.measure(step, monitored()))
+            row["monitor/seconds"] = time.time() - t_monitor
+            monitor_s += row["monitor/seconds"]
+        if row:
+            buffer.add(step, row)
+        if (is_log or watch.is_monitor_step(step)) and watch.verdict(step, row, device):
+            _save_and_report(step, members, objectives, rank, {"step": step, **row}, buffer.rows)
+            buffer.flush()
+            return {"final_step": step, "alarms": watch.summary(), "collapse_stop": (
+                f"stopped at step {step} by a collapse alarm (train.on_collapse: stop); the checkpoint of this "
+                f"step is kept under the stage's ray_train folder. "
+                + " | ".join(a["message"] for a in watch.summary()))}
         if step % spec.train.checkpoint_every == 0 or step == total:
             _save_and_report(step, members, objectives, rank, {"step": step, **metrics}, buffer.rows)
             buffer.flush()
@@ -361,7 +392,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     steady = time.time() - (first_step_at or time.time())
     _export(spec, members, rank)
     return {"final_step": step, "precision": precision.name, "precision_reason": precision.reason,
-            "first_step_at": first_step_at,
+            "first_step_at": first_step_at, "alarms": watch.summary(), "monitor_s": monitor_s, "steady_s": steady,
             "images_per_s": (step - first_step) * global_batch / steady if steady > 0 else None}
 
 

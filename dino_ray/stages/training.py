@@ -85,6 +85,10 @@ def run_training(spec: LoopSpec, ctx: StageContext) -> dict[str, Any]:
         tracking.set_tags(ctx.tracking_uri, ctx.run_id, {"dino_ray.precision": value["precision"],
                                                          "dino_ray.precision_reason": value["precision_reason"]})
         log.info("%s: %s", spec.stage, value["precision_reason"])
+    for alarm in value.get("alarms") or []:  # the console showed them live; this is for the log
+        log.info("%s collapse alarm: %s", spec.stage, alarm["message"])
+    if value.get("collapse_stop"):
+        raise CollapseError(f"{spec.stage}: {value['collapse_stop']}")
     if value.get("error"):
         raise FloatingPointError(value["error"])
     value["timing"] = _timing(value, ctx)
@@ -95,14 +99,29 @@ def run_training(spec: LoopSpec, ctx: StageContext) -> dict[str, Any]:
     return value
 
 
+class CollapseError(RuntimeError):
+    """A training stage stopped by a collapse alarm (``train.on_collapse: stop``)."""
+
+
+def alarm_summary(value: dict[str, Any]) -> dict[str, Any]:
+    """For the stage summary: how many collapse alarms fired, and which."""
+    alarms = value.get("alarms") or []
+    return {"collapse_alarms": len(alarms), **({"alarm_codes": ",".join(a["code"] for a in alarms)} if alarms else {})}
+
+
 def _timing(value: dict[str, Any], ctx: StageContext) -> dict[str, float]:
-    """Stage start -> first optimizer step (Ray, data pipeline and DeepSpeed start-up), and the steady
-    training speed after it: the two numbers that say where a short run's wall-clock went."""
+    """Stage start -> first optimizer step (Ray, data pipeline and DeepSpeed start-up), the steady
+    training speed after it, and the monitor's share of that steady time: where a short run's wall-clock
+    went."""
     timing = {}
     if value.get("first_step_at"):
         timing["stage_start_to_first_step_s"] = round(value["first_step_at"] - ctx.started_at, 2)
     if value.get("images_per_s"):
         timing["train_images_per_s"] = round(value["images_per_s"], 2)
+    if value.get("monitor_s") and value.get("steady_s"):
+        # The monitor's cost: its share of the steady-state time, which train_images_per_s already pays.
+        timing["monitor_s"] = round(value["monitor_s"], 2)
+        timing["monitor_share"] = round(value["monitor_s"] / value["steady_s"], 4)
     return timing
 
 

@@ -101,7 +101,11 @@ def tiny_pretrain(images: Path, out: Path) -> list[str]:
             f"tracking.tracking_uri=sqlite:///{out.parent}/mlflow.db", "pretrain.schedule.total_iters=3",
             "pretrain.schedule.warmup_iters=1", "pretrain.schedule.warmup_teacher_temp_iters=1",
             "pretrain.schedule.freeze_last_layer_iters=1", "pretrain.train.checkpoint_every=3",
-            "pretrain.train.batch_size_per_worker=8"]
+            "pretrain.train.batch_size_per_worker=8",
+            # the demo preset's monitor reads outputs/demo-data; here it watches CIFAR-10 instead
+            f"pretrain.monitor.train.uri={images}", "pretrain.monitor.train.max_images=100",
+            f"pretrain.monitor.test.uri={images.parent / 'test'}", "pretrain.monitor.test.max_images=50",
+            "pretrain.monitor.every=3"]
 
 
 def test_ray_job_submit_runs_the_job_yaml(ray_cluster, cifar10_dir, tmp_path):

@@ -23,13 +23,22 @@ def demo_data(tmp_path_factory) -> Path:
     return prepare(tmp_path_factory.mktemp("demo") / "data")
 
 
-def job_for(data: Path, output_root: str, tracking_uri: str):
+def job_for(data: Path, output_root: str, tracking_uri: str, *extra: str):
     return load_job(PRESET, [
         f"output_root={output_root}", f"tracking.tracking_uri={tracking_uri}",
         f"curate.pool.uri={data / 'pool'}", f"curate.eval_sets=[{{uri: {data / 'eval' / 'test'}}}]",
         f"eval.datasets=[{{name: digits, image_size: 32, train: {{uri: {data / 'eval' / 'train'}, "
         f"labels_from_folders: true}}, test: {{uri: {data / 'eval' / 'test'}, labels_from_folders: true}}}}]",
+        *extra,
     ])
+
+
+def monitor_on(data: Path, every: int) -> list[str]:
+    """The demo's monitor (the digits eval split, 300 + 100 images) on every training stage."""
+    return [f"{stage}.monitor={{every: {every}, pca_images: 2, "
+            f"train: {{uri: {data / 'eval' / 'train'}, labels_from_folders: true, max_images: 300}}, "
+            f"test: {{uri: {data / 'eval' / 'test'}, labels_from_folders: true, max_images: 100}}}}"
+            for stage in ("pretrain", "highres", "distill")]
 
 
 def check_outputs(job, manifests) -> dict:
@@ -51,7 +60,7 @@ def test_whole_pipeline_local_then_skip_then_partial_rerun(ray_session, demo_dat
     import mlflow
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    job = job_for(demo_data, str(tmp_path / "out"), uri)
+    job = job_for(demo_data, str(tmp_path / "out"), uri, *monitor_on(demo_data, every=6))
     manifests = Pipeline(job, ensure_ray=lambda: None).run()
     rows = check_outputs(job, manifests)
     assert rows["pixels"]["knn_k20_top1"] > 0.5  # digits are easy for raw pixels: the pipeline reads labels right
@@ -75,6 +84,21 @@ def test_whole_pipeline_local_then_skip_then_partial_rerun(ray_session, demo_dat
     assert 0.0 <= float(pretrain_version.tags["eval.digits.knn_k20_top1"]) <= 1.0  # tagged by the eval stage
     artifacts = {a.path for a in client.list_artifacts(eval_run.info.run_id)}
     assert "comparison.md" in artifacts and "pictures" in artifacts
+
+    # The live monitor: kNN / probe curves from step 0, raw pixels as the reference, collapse diagnostics at
+    # every log step, a PCA picture per monitor step; distill measures each student and its teacher once.
+    knn = [m.step for m in client.get_metric_history(pretrain_run.info.run_id, "monitor/knn_top1")]
+    assert knn == [0, 6, 12]
+    assert client.get_metric_history(pretrain_run.info.run_id, "monitor/pixels_knn_top1")[0].value > 0.5
+    ranks = client.get_metric_history(pretrain_run.info.run_id, "collapse/cls_effective_rank")
+    assert [m.step for m in ranks] == steps and all(m.value >= 1.0 for m in ranks)
+    pictures = [a.path for a in client.list_artifacts(pretrain_run.info.run_id, "images")]
+    assert sum("monitor_pca" in p for p in pictures) >= 3, pictures
+    distill_run = next(r for r in children if r.info.run_name == "distill")
+    distill_metrics = distill_run.data.metrics
+    assert {"vit_mini/monitor/knn_top1", "vit_micro/monitor/linear_top1", "teacher/monitor/knn_top1",
+            "vit_mini/collapse/dino_loss_over_lnk"} <= set(distill_metrics), sorted(distill_metrics)
+    assert manifests["pretrain"]["summary"]["collapse_alarms"] >= 0
 
     start = time.time()
     again = Pipeline(job, ensure_ray=lambda: None).run()

@@ -108,3 +108,49 @@ def test_killed_worker_resumes_from_checkpoint_without_losing_or_repeating_steps
     again = Pipeline(job, ensure_ray=lambda: None).run()
     assert again["pretrain"]["token"] == manifest["token"]
     assert time.time() - start < 10
+
+
+def test_broken_recipe_raises_the_collapse_alarm_and_stops_with_its_checkpoint(ray_session, cifar10_dir, tmp_path):
+    """A teacher so soft (temperature 10) that its targets are uniform: the DINO loss cannot get below
+    ln(K). The alarm must fire in plain words, tag the run, and with on_collapse=stop end the stage at
+    that step with the step's checkpoint kept. The monitor runs under two ZeRO-3 workers meanwhile."""
+    import mlflow
+
+    job = pretrain_job(tmp_path, cifar10_dir / "train", "broken", "pretrain.schedule.total_iters=16",
+                       "pretrain.model.layerscale_init=1.0",  # the CPU preset's init: only the temperature is off
+                       "pretrain.schedule.teacher_temp=10.0", "pretrain.schedule.warmup_teacher_temp=10.0",
+                       "pretrain.schedule.warmup_teacher_temp_iters=0", "pretrain.schedule.warmup_iters=1",
+                       "pretrain.train.batch_size_per_worker=8", "pretrain.train.scaling.num_workers=2",
+                       "pretrain.train.scaling.cpus_per_worker=0.5", "pretrain.train.checkpoint_every=100",
+                       "pretrain.train.on_collapse=stop", "pretrain.train.collapse.window=2",
+                       "pretrain.train.collapse.check_after_fraction=0.25",
+                       f"pretrain.monitor.train.uri={cifar10_dir / 'train'}", "pretrain.monitor.train.max_images=200",
+                       f"pretrain.monitor.test.uri={cifar10_dir / 'test'}", "pretrain.monitor.test.max_images=100",
+                       "pretrain.monitor.train.labels_from_folders=true",
+                       "pretrain.monitor.test.labels_from_folders=true", "pretrain.monitor.every=4",
+                       "pretrain.monitor.pca_images=2")
+    with pytest.raises(Exception, match="collapse alarm") as failure:
+        Pipeline(job, ensure_ray=lambda: None).run()
+    assert "teacher_temp" in str(failure.value)  # says what usually fixes it
+
+    client = mlflow.MlflowClient(job.tracking.tracking_uri)
+    run = client.search_runs([client.get_experiment_by_name(job.tracking.experiment).experiment_id],
+                             "tags.`dino_ray.stage` = 'pretrain'")[0]
+    assert run.data.tags.get("dino_ray.collapse_alarm") == "uniform_targets"
+    assert "ln(K)" in run.data.tags["dino_ray.alarm.uniform_targets"]
+    stop_step = int(run.data.tags["dino_ray.alarm.uniform_targets"].split("step ")[1].split(":")[0])
+    assert 4 <= stop_step < 16
+    ckpt = Path(job.output_root) / "pretrain" / "ray_train" / "pretrain" / f"step_{stop_step:09d}"
+    assert ckpt.is_dir(), sorted(p.name for p in ckpt.parent.iterdir())
+
+    def history(name: str) -> list[tuple[int, float]]:
+        return sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, name))
+
+    ratio = history("collapse/dino_loss_over_lnk")
+    assert ratio and all(v > 0.99 for _, v in ratio[2:])
+    assert [s for s, _ in history("monitor/knn_top1")][:2] == [0, 4]
+    assert all(0.0 <= v <= 1.0 for _, v in history("monitor/linear_top1"))
+    assert history("monitor/pixels_knn_top1")[0][1] > 0.1  # 10 classes: raw pixels beat chance
+    assert history("collapse/cls_effective_rank")
+    images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+    assert any("monitor_pca" in p for p in images), images

@@ -1,0 +1,108 @@
+"""Collapse diagnostics, alarm rules and the monitor's probes on tensors with known answers."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dino_ray.evals.monitor import _shard, monitor_steps, ridge_probe_top1, sharded_features
+from dino_ray.train.alarms import CollapseConfig, CollapseWatch
+from dino_ray.train.diagnostics import (collapse_metrics, effective_rank, feature_std, mean_pairwise_cosine,
+                                        prototypes_used, row_entropy)
+
+JOB = Path(__file__).resolve().parents[2] / "jobs" / "pipeline.yaml"
+
+
+def test_diagnostics_tell_collapsed_from_spread_features():
+    g = torch.Generator().manual_seed(0)
+    spread = torch.randn(256, 32, generator=g)
+    same = torch.ones(256, 32) + 1e-6 * torch.randn(256, 32, generator=g)
+    assert effective_rank(same) == pytest.approx(1.0, abs=1e-2)
+    assert effective_rank(spread) > 25  # near 32 for isotropic rows
+    assert mean_pairwise_cosine(same) == pytest.approx(1.0, abs=1e-5)
+    assert abs(mean_pairwise_cosine(spread)) < 0.02
+    assert feature_std(same) < 1e-5 < feature_std(spread)
+    brute = torch.nn.functional.normalize(spread, dim=-1)
+    cos = brute @ brute.T
+    assert mean_pairwise_cosine(spread) == pytest.approx(float((cos.sum() - cos.trace()) / (256 * 255)), abs=1e-5)
+
+
+def test_target_diagnostics_against_ln_k():
+    k = 64
+    uniform = torch.full((10, k), 1.0 / k)
+    onehot = torch.nn.functional.one_hot(torch.arange(10) % 3, k).float()
+    assert row_entropy(uniform) == pytest.approx(math.log(k), rel=1e-5)
+    assert row_entropy(onehot) == pytest.approx(0.0, abs=1e-6)
+    assert prototypes_used(onehot) == 3
+    m = collapse_metrics([uniform, uniform], torch.empty(0, k), torch.randn(20, 8), dino_loss=math.log(k))
+    assert m["collapse/dino_loss_over_lnk"] == pytest.approx(1.0)
+    assert m["collapse/teacher_entropy_over_lnk"] == pytest.approx(1.0, rel=1e-5)
+    assert "collapse/ibot_entropy_over_lnk" not in m  # no masked patches this step
+
+
+def test_alarms_wait_for_warmup_fire_once_and_say_what_fixes_them():
+    watch = CollapseWatch(CollapseConfig(window=2, check_after_fraction=0.2), total_steps=100, warmup_steps=30)
+    at_lnk = {"collapse/dino_loss_over_lnk": 0.999, "collapse/cls_effective_rank": 1.2}
+    assert watch.observe(10, at_lnk) == [] and watch.observe(20, at_lnk) == []  # still warming up
+    assert watch.observe(30, at_lnk) and len(watch.fired) == 1  # rank fires at once; the loss needs 2 points
+    assert watch.fired == {"low_rank"}
+    alarms = watch.observe(40, at_lnk)
+    assert [a.code for a in alarms] == ["uniform_targets"]
+    assert "teacher_temp" in alarms[0].message and "step 40" in alarms[0].message
+    assert watch.observe(50, at_lnk) == []  # once per run
+
+    healthy = CollapseWatch(CollapseConfig(window=2), total_steps=100, warmup_steps=0)
+    for step in range(0, 101, 10):
+        assert healthy.observe(step, {"collapse/dino_loss_over_lnk": 0.95, "collapse/cls_effective_rank": 9.0,
+                                      "monitor/knn_top1": 0.2 + step / 1000}) == []
+
+
+def test_knn_alarm_compares_with_step_zero_and_respects_prefixes():
+    watch = CollapseWatch(CollapseConfig(knn_after_fraction=0.5), total_steps=100, warmup_steps=0, prefix="mini/")
+    assert watch.observe(0, {"mini/monitor/knn_top1": 0.30}) == []
+    assert watch.observe(40, {"mini/monitor/knn_top1": 0.29}) == []  # too early to judge
+    alarms = watch.observe(60, {"mini/monitor/knn_top1": 0.30, "monitor/knn_top1": 0.9})
+    assert [a.code for a in alarms] == ["knn_flat"] and "(mini)" in alarms[0].message
+
+
+def test_config_mistakes_fail_before_any_cluster_work(tmp_path):
+    from dino_ray.config.loader import load_job
+    from dino_ray.config.typed import ConfigError
+
+    with pytest.raises(ConfigError, match="pretrain.train.collapse.loss_margin"):
+        load_job(JOB, ["pretrain.train.collapse.loss_margin=2.0"])
+    with pytest.raises(ConfigError, match="pretrain.train.on_collapse"):
+        load_job(JOB, ["pretrain.train.on_collapse=halt"])
+    with pytest.raises(ConfigError, match="monitor.train.uri"):
+        load_job(JOB, ["pretrain.monitor.every=10", "pretrain.monitor.train.uri=",
+                                        "pretrain.monitor.test.uri="])
+
+
+def test_ridge_probe_separates_separable_classes_and_fails_on_noise():
+    g = np.random.default_rng(0)
+    centres = g.normal(size=(4, 16)) * 3
+    y = np.repeat(np.arange(4), 50)
+    x = centres[y] + g.normal(size=(200, 16)) * 0.3
+    assert ridge_probe_top1(x[::2], y[::2], x[1::2], y[1::2]) == 1.0
+    noise = g.normal(size=(200, 16))
+    assert ridge_probe_top1(noise[::2], y[::2], noise[1::2], y[1::2]) < 0.5
+
+
+def test_shards_cover_every_row_with_equal_calls_per_rank():
+    for n, world in [(10, 3), (2, 4), (7, 1), (8, 2)]:
+        shards = [_shard(n, r, world) for r in range(world)]
+        assert len({s.size for s in shards}) == 1
+        assert set(np.concatenate(shards)) == set(range(n))
+    x = torch.arange(10, dtype=torch.float32).view(10, 1).repeat(1, 3)
+    out = sharded_features(lambda b: b * 2, x, batch_size=3)
+    assert np.array_equal(out, (x * 2).numpy())
+
+
+def test_monitor_steps_include_start_and_end():
+    assert monitor_steps(0, 0, 100) == []
+    assert monitor_steps(40, 0, 100) == [0, 40, 80, 100]
+    assert monitor_steps(40, 50, 100) == [80, 100]  # resumed at step 50: no second step-0 point
