@@ -192,6 +192,16 @@ def log_bytes(tracking_uri: str, run_id: str, data: bytes, name: str, artifact_p
         log_artifact_file(tracking_uri, run_id, path, artifact_path)
 
 
+def log_image_step(tracking_uri: str, run_id: str, png: bytes, key: str, step: int) -> None:
+    """Log a PNG as step ``step`` of the image series ``key`` (the run page shows it with a step slider)."""
+    import io
+
+    import mlflow
+    from PIL import Image
+
+    mlflow.MlflowClient(tracking_uri).log_image(run_id, Image.open(io.BytesIO(png)), key=key, step=step)
+
+
 def log_text(tracking_uri: str, run_id: str, text: str, artifact_file: str) -> None:
     import mlflow
 

@@ -85,15 +85,11 @@ class TrainingWatch:
         return metrics
 
     def _log_picture(self, step: int, name: str, png: bytes) -> None:
-        import io
-
-        import mlflow
-        from PIL import Image
+        from dino_ray import tracking
 
         key = MONITOR_PICTURE_KEY if not self.prefixes[name] else f"{MONITOR_PICTURE_KEY}_{name}"
         try:
-            mlflow.MlflowClient(self.spec.tracking_uri).log_image(self.spec.run_id, Image.open(io.BytesIO(png)),
-                                                                  key=key, step=step)
+            tracking.log_image_step(self.spec.tracking_uri, self.spec.run_id, png, key, step)
         except Exception:  # noqa: BLE001 - a picture must never stop training
             log.warning("could not log the monitor picture at step %d", step, exc_info=True)
 
