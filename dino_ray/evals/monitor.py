@@ -130,8 +130,9 @@ def sharded_features(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.T
         return mine.numpy()
     import torch.distributed as dist
 
-    gathered = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(gathered, mine.to(_comm_device()))
+    device = _comm_device()  # NCCL gathers CUDA tensors only: inputs and outputs both on it
+    gathered = [torch.empty_like(mine, device=device) for _ in range(world)]
+    dist.all_gather(gathered, mine.to(device))
     out = torch.empty((x.shape[0], mine.shape[1]), dtype=mine.dtype)
     for r, feats in enumerate(gathered):
         ridx = _shard(x.shape[0], r, world)

@@ -369,14 +369,15 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                 metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
             t_last, imgs_since = now, 0
             row.update(metrics)
-        if watch.is_monitor_step(step):
+        at_monitor = watch.is_monitor_step(step)
+        if at_monitor:
             t_monitor = time.time()
             row.update(watch.measure(step, monitored()))
             row["monitor/seconds"] = time.time() - t_monitor
             monitor_s += row["monitor/seconds"]
         if row:
             buffer.add(step, row)
-        if (is_log or watch.is_monitor_step(step)) and watch.verdict(step, row, device):
+        if (is_log or at_monitor) and watch.verdict(step, row, device):
             _save_and_report(step, members, objectives, rank, {"step": step, **row}, buffer.rows)
             buffer.flush()
             return {"final_step": step, "alarms": watch.summary(), "collapse_stop": (
