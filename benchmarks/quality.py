@@ -111,7 +111,10 @@ def run_peer(python: str, train_dir: Path, job, minutes: float, out: Path) -> Pa
         print(f"[quality] peer lightly skipped: no peer Python at {python!r} (see README: benchmarks)",
               file=sys.stderr)
         return None
-    probe = subprocess.run([python, "-c", "import lightly_train"], capture_output=True, text=True)
+    shim = REPO / "benchmarks" / "peers"  # the peer script's torchvision shim, as the run will use it
+    probe = subprocess.run([python, "-c", f"import sys; sys.path.insert(0, {str(shim)!r}); import lightly_dinov2; "
+                            "lightly_dinov2.install_torchvision_cpu_shim(); import lightly_train"],
+                           capture_output=True, text=True)
     if probe.returncode:
         print(f"[quality] peer lightly skipped: lightly_train does not import in {python}: "
               f"{probe.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
@@ -151,6 +154,40 @@ def monitor_curve(job, manifest: dict) -> list[tuple[int, float]]:
     return sorted((m.step, round(m.value, 4)) for m in history)
 
 
+def markdown(result: dict) -> str:
+    """The README block of one result: the table of backbones and the lines that say who won, by how much."""
+    d = result["details"]
+    pct = lambda v: "-" if v is None else f"{100 * float(v):.1f} %"  # noqa: E731
+    peer = d.get("peer_lightly") if isinstance(d.get("peer_lightly"), dict) else None
+    rows = [("dino-ray (`jobs/presets/cpu.yaml`)", result["ours"], d["ours_knn_pooled_patches"],
+             d["ours_linear_top1"], d["steps"], d["train_images_per_s"])]
+    if peer:
+        rows.append((f"LightlyTrain {peer['lightly_train']} (`method=\"dinov2\"`, same ViT, crops, batch)",
+                     peer["knn_k20_top1"], peer["knn_pooled_patches"], peer["linear_top1"], peer.get("steps"),
+                     peer.get("train_images_per_s")))
+    rows += [("random init, same ViT (better of CLS / pooled)", d["random_init_knn_best_of_cls_and_pooled"], None,
+              d["random_init_linear_top1"], None, None),
+             ("raw pixels", result["baseline"], None, d["pixels_linear_top1"], None, None)]
+    lines = [f"CIFAR-10, {d['train_images']:,} train / {d['test_images']:,} test images at 32 px, "
+             f"{d['budget_minutes']:g} minutes of training each; `{d['preset']}`; python {d['python']}.", "",
+             "| backbone | kNN@20 top-1 | kNN@20 pooled patches | linear top-1 | steps | train images/s |",
+             "|---|---|---|---|---|---|"]
+    for name, knn, pooled, linear, steps, ips in rows:
+        lines.append(f"| {name} | {pct(knn)} | {pct(pooled)} | {pct(linear)} | {steps or '-'} | {ips or '-'} |")
+    lines += ["", f"- SSL kNN / raw-pixel kNN: **{result['ratio']}** (target 1.0)."]
+    if peer:
+        speed = (f"{d['train_images_per_s'] / peer['train_images_per_s']:.2f}"
+                 if d.get("train_images_per_s") and peer.get("train_images_per_s") else "-")
+        lines.append(f"- dino-ray minus LightlyTrain: {d['ours_minus_peer_knn_points']:+.1f} kNN points; training "
+                     f"images/s, dino-ray over LightlyTrain: {speed} (target 1.5). Training wall-clock: dino-ray "
+                     f"{d['pretrain_stage_s']:.0f} s for the whole stage, LightlyTrain {peer['train_wall_s']:.0f} s.")
+    brk = d.get("stage_start_breakdown_s") or {}
+    lines.append(f"- Stage start to first step: {d['stage_start_to_first_step_s']} s"
+                 + (" (" + ", ".join(f"{k.replace('_', ' ')} {v} s" for k, v in brk.items()) + ")" if brk else "")
+                 + f"; monitor kNN along the run (step, top-1): {d['monitor_knn_curve']}.")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=30.0, help="training budget (default 30)")
@@ -159,7 +196,14 @@ def main() -> None:
     p.add_argument("--peer", choices=["lightly"], default=None)
     p.add_argument("--peer-python", default=os.environ.get("DINO_RAY_PEER_PYTHON", ""))
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "dino-ray-quality"))
+    p.add_argument("--save", metavar="JSON", help="also write the result to this file")
+    p.add_argument("--update-readme", metavar="NAME",
+                   help="put the result's table between the README's <!-- report:NAME --> markers")
+    p.add_argument("--render", metavar="JSON", help="run nothing: render a saved result (with --update-readme)")
     args = p.parse_args()
+    if args.render:
+        publish(json.loads(Path(args.render).read_text()), args.update_readme)
+        return
     minutes = 5.0 if args.quick and args.minutes == 30.0 else args.minutes
     per_class = (1000, 200) if args.quick else (5000, 1000)
     work = Path(args.work)
@@ -181,7 +225,8 @@ def main() -> None:
     overrides = [
         f"output_root={run_root}", f"tracking.tracking_uri=sqlite:///{run_root}/mlflow.db", "stages=[pretrain, eval]",
         f"pretrain.data.source={train}", f"pretrain.schedule={scaled_schedule(base.pretrain.schedule, steps)}",
-        f"pretrain.train.checkpoint_every={steps}", f"pretrain.train.log_every={max(1, steps // 20)}",
+        # metrics reach MLflow when the checkpoint covering them commits: four checkpoints keep the curves live
+        f"pretrain.train.checkpoint_every={max(1, steps // 4)}", f"pretrain.train.log_every={max(1, steps // 20)}",
         f"eval.backbones=[{', '.join(backbones)}]", "eval.baselines=[random, pixels]", "eval.knn.ks=[20]",
         f"eval.datasets=[{{name: cifar10, image_size: 32, train: {train}, test: {test}}}]",
         # the live monitor (docs/monitoring.md): kNN of the teacher on a CIFAR subset, six points over the run
@@ -216,6 +261,7 @@ def main() -> None:
             "steps": pre.get("steps"), "calibrated_step_s": round(step_s, 3), "budget_minutes": minutes,
             "train_images_per_s": pre.get("train_images_per_s"),
             "stage_start_to_first_step_s": pre.get("stage_start_to_first_step_s"),
+            "stage_start_breakdown_s": {k.split("/", 1)[1]: v for k, v in pre.items() if k.startswith("startup/")},
             "monitor_share_of_training_time": pre.get("monitor_share"),
             "monitor_knn_curve": monitor_curve(job, manifests["pretrain"]),
             "collapse_alarms": pre.get("alarm_codes", ""),
@@ -236,7 +282,21 @@ def main() -> None:
                 "knn_k20_top1": knn(peer_row), "knn_pooled_patches": knn(peer_row, pooled=True),
                 "linear_top1": peer_row.get("linear_test_top1"), **peer_result}
             out["details"]["ours_minus_peer_knn_points"] = round(100 * (knn(ours) - knn(peer_row)), 2)
+            if peer_result.get("train_images_per_s") and pre.get("train_images_per_s"):
+                out["details"]["train_images_per_s_ours_over_peer"] = round(
+                    pre["train_images_per_s"] / peer_result["train_images_per_s"], 3)
+    if args.save:
+        Path(args.save).write_text(json.dumps(out, indent=1) + "\n")
+    publish(out, args.update_readme)
     print(json.dumps(out))
+
+
+def publish(result: dict, readme_block: str | None) -> None:
+    print(markdown(result), file=sys.stderr)
+    if readme_block:
+        from dino_ray.run_report import update_readme
+
+        update_readme(REPO / "README.md", readme_block, markdown(result))
 
 
 if __name__ == "__main__":

@@ -213,7 +213,7 @@ class Pipeline:
             tracker = tracker or _Tracker(self.job)
             try:
                 manifests[name] = self._run_stage(spec, key, {up: manifests[up]["outputs"] for up in needs},
-                                                  tokens, tracker)
+                                                  tokens, tracker, forced=name in force)
             except BaseException:
                 tracking.set_status(tracker.uri, tracker.parent_id, "FAILED")
                 raise
@@ -222,10 +222,10 @@ class Pipeline:
         return manifests
 
     def _run_stage(self, spec: StageSpec, key: str, upstream: dict[str, dict[str, str]],
-                   tokens: dict[str, str], tracker: "_Tracker") -> dict[str, Any]:
+                   tokens: dict[str, str], tracker: "_Tracker", forced: bool = False) -> dict[str, Any]:
         name = spec.name
         stage_dir = self.stage_dir(name)
-        self._reset_if_changed(spec, key, stage_dir)
+        self._reset_if_changed(spec, key, stage_dir, forced)
         storage.makedirs(stage_dir)
         run_id = tracker.stage_run(name, key, stage_dir)
         section = to_dict(getattr(self.job, name, None))
@@ -259,9 +259,11 @@ class Pipeline:
         return manifest
 
     @staticmethod
-    def _reset_if_changed(spec: StageSpec, key: str, stage_dir: str) -> None:
-        """Same key: a retry, keep everything (checkpoints to resume). New key: start clean."""
-        if read_record(stage_dir).get("key") == key:
+    def _reset_if_changed(spec: StageSpec, key: str, stage_dir: str, forced: bool = False) -> None:
+        """Same key: a retry, keep everything (checkpoints to resume). New key, or ``--force``: start clean
+        (a forced training stage must not resume from the checkpoints of the run it is asked to redo);
+        what the stage declares reusable across configs (``keep_on_change``, e.g. a feature cache) stays."""
+        if read_record(stage_dir).get("key") == key and not forced:
             return
         for uri in storage.list_children(stage_dir):
             if uri.rstrip("/").rsplit("/", 1)[-1] not in spec.keep_on_change:

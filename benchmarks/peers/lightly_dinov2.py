@@ -114,10 +114,26 @@ def main() -> None:
     steps = max(probe_steps, int(budget_s / (probe_s / probe_steps)))
     wall = pretrain(spec, out / "run", steps, spec["minutes"])
     weights = out / "run" / "exported_models" / "exported_last.pt"
+    done, batch_s = steps_done(out / "run")
     (out / "result.json").write_text(json.dumps({
-        "weights": str(weights), "vit": spec["vit"], "planned_steps": steps, "probe_s_per_step": probe_s / probe_steps,
-        "train_wall_s": round(wall, 1), "images_per_s_incl_startup": round(steps * spec["batch"] / wall, 2),
+        "weights": str(weights), "vit": spec["vit"], "planned_steps": steps, "steps": done,
+        "probe_s_per_step": probe_s / probe_steps, "train_wall_s": round(wall, 1),
+        "images_per_s_incl_startup": round(done * spec["batch"] / wall, 2),
+        # its steady speed: the batch times Lightning logs every 50 steps (median)
+        "train_images_per_s": round(spec["batch"] / batch_s, 2) if batch_s else None,
         "lightly_train": __import__("lightly_train").__version__, "torch": torch.__version__}))
+
+
+def steps_done(run: Path) -> tuple[int, float | None]:
+    """Optimizer steps the run made (``max_time`` may stop it before the planned steps) and the median
+    logged batch time, from LightlyTrain's ``metrics.jsonl``."""
+    import statistics
+
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps = [int(r["step"]) + 1 for r in rows if "step" in r]
+    ckpts = [int(p.stem.rsplit("step=", 1)[1]) for p in (run / "checkpoints").glob("*step=*.ckpt")]
+    times = [float(r["profiling/batch_time"]) for r in rows if "profiling/batch_time" in r]
+    return max(steps + ckpts + [0]), (statistics.median(times) if times else None)
 
 
 if __name__ == "__main__":

@@ -124,6 +124,40 @@ def ssl_batches(spec: StreamSpec, data_cfg: Any, *, num_actors: int = 1, cpus_pe
     yield from ds.iter_torch_batches(batch_size=spec.batch_size, drop_last=True, prefetch_batches=prefetch_batches)
 
 
+def started_early(batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Start pulling the first batch of ``batches`` now, in a background thread; iterate as usual.
+
+    Ray Data starts its actors and crops the first batch only when asked for it. Asked at once, that
+    start-up overlaps whatever the caller does before its first step (building models, DeepSpeed), instead
+    of following it. The thread touches the iterator once; iteration proper happens in the caller's thread.
+    """
+    import queue
+    import threading
+
+    first: queue.Queue = queue.Queue(maxsize=1)
+
+    def fetch() -> None:
+        try:
+            first.put(("batch", next(batches)))
+        except StopIteration:
+            first.put(("end", None))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            first.put(("error", e))
+
+    threading.Thread(target=fetch, name="first-batch", daemon=True).start()
+
+    def rest() -> Iterator[dict[str, Any]]:
+        kind, value = first.get()
+        if kind == "error":
+            raise value
+        if kind == "end":
+            return
+        yield value
+        yield from batches
+
+    return rest()
+
+
 def write_index(uris: list[str], index_uri: str, ids: list[str] | None = None) -> int:
     """Write the training index (the image order every rank agrees on)."""
     import pyarrow as pa

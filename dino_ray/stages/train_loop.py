@@ -234,13 +234,14 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
 
     from dino_ray.data.multicrop import normalize_batch
     from dino_ray.progress import Reporter
-    from dino_ray.stages.ssl_stream import StreamSpec, ssl_batches
+    from dino_ray.stages.ssl_stream import StreamSpec, ssl_batches, started_early
     from dino_ray.stages.watch import TrainingWatch
     from dino_ray.train.param_groups import apply_schedules, build_param_groups
     from dino_ray.train.schedules import TrainSchedules
     from dino_ray.train.ssl_arch import SSLObjective
 
     spec: LoopSpec = config["spec"]
+    marks = {"worker_started_at": time.time()}  # start-up phases, for the stage's overhead breakdown
     ctx = get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = _device()
@@ -257,6 +258,16 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     _disable_jit_ops()
     zero3 = spec.train.zero_stage == 3
     distill = spec.teacher_from is not None
+
+    # The input stream starts first, so Ray Data's actors start and crop the first batches while the
+    # models and DeepSpeed engines are built (the resume step is in the checkpoint's folder name).
+    checkpoint = ray.train.get_checkpoint()
+    start_step = checkpoint_step(checkpoint.path) if checkpoint is not None else 0
+    stream = StreamSpec(index_uri=spec.index_uri, n_images=spec.n_images, seed=spec.seed,
+                        batch_size=spec.train.batch_size_per_worker, world_size=world, rank=rank,
+                        start_step=start_step, total_steps=spec.schedule.total_iters)
+    batches = started_early(ssl_batches(stream, spec.data, num_actors=spec.train.data_workers,
+                                        cpus_per_actor=spec.train.data_cpus))
 
     members: list[_Member] = []
     for st in spec.students:
@@ -285,26 +296,24 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     else:
         teacher = members[0].ema
 
+    marks["engines_ready_at"] = time.time()
     objectives = [SSLObjective(spec.loss).to(device) for _ in members]
     global_batch = spec.train.batch_size_per_worker * world
     schedules = TrainSchedules.from_config(spec.schedule, global_batch)
     total = spec.schedule.total_iters
 
     buffer = _MetricBuffer(spec.tracking_uri, spec.run_id, enabled=rank == 0)
-    start_step = 0
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            start_step = _restore(d, members, objectives, rank)
+            restored = _restore(d, members, objectives, rank)
+            if restored != start_step:
+                raise RuntimeError(f"checkpoint {checkpoint.path} holds step {restored}, its name says {start_step}")
             pending = os.path.join(d, PENDING_METRICS)
             if os.path.exists(pending):
                 with open(pending) as f:
                     buffer.restore([(int(step), m) for step, m in json.load(f)])
         log.info("rank %d resumed at step %d", rank, start_step)
 
-    stream = StreamSpec(index_uri=spec.index_uri, n_images=spec.n_images, seed=spec.seed,
-                        batch_size=spec.train.batch_size_per_worker, world_size=world, rank=rank,
-                        start_step=start_step, total_steps=total)
     n_global, n_local = spec.data.crops.global_crops_number, spec.data.crops.local_crops_number
     autocast = mixed.autocast(precision, device)
     step = start_step
@@ -317,14 +326,15 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         row = watch.measure(step, monitored(), teacher.module.backbone if distill else None)
         buffer.add(step, row)
         watch.verdict(step, row, device)
+    marks["loop_ready_at"] = time.time()
     t_last, imgs_since = time.time(), 0
     first_step_at, first_step = None, start_step  # stage overhead and steady-state speed, for the summary
     monitor_s = 0.0  # time spent on monitor points after the first step (part of the steady-state time)
     progress = Reporter(spec.stage.replace("_", " "), total, "steps") if rank == 0 else None
-    for batch in ssl_batches(stream, spec.data, num_actors=spec.train.data_workers,
-                             cpus_per_actor=spec.train.data_cpus):
+    for batch in batches:
         if step >= total:
             break
+        marks.setdefault("first_batch_at", time.time())
         crops = normalize_batch({k: v.to(device, non_blocking=True) for k, v in batch.items()}, spec.data.crops)
         masks = crops["masks"] if spec.masking else torch.ones_like(crops["masks"])
         apply_masks = spec.masking
@@ -393,7 +403,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     steady = time.time() - (first_step_at or time.time())
     _export(spec, members, rank)
     return {"final_step": step, "precision": precision.name, "precision_reason": precision.reason,
-            "first_step_at": first_step_at, "alarms": watch.summary(), "monitor_s": monitor_s, "steady_s": steady,
+            "first_step_at": first_step_at, "startup_marks": marks, "alarms": watch.summary(), "monitor_s": monitor_s, "steady_s": steady,
             "images_per_s": (step - first_step) * global_batch / steady if steady > 0 else None}
 
 
@@ -466,6 +476,14 @@ def _save_and_report(step: int, members: list[_Member], objectives: list, rank: 
             dist.barrier()
         ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
                          checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=f"step_{step:09d}")
+
+
+def checkpoint_step(path: str) -> int:
+    """The step of a checkpoint this loop reported (its folder is ``step_<9 digits>``)."""
+    name = os.path.basename(path.rstrip("/"))
+    if not name.startswith("step_") or not name[5:].isdigit():
+        raise RuntimeError(f"{path}: not a dino-ray training checkpoint (expected a step_<number> folder)")
+    return int(name[5:])
 
 
 def _restore(ckpt_dir: str, members: list[_Member], objectives: list, rank: int) -> int:

@@ -116,6 +116,16 @@ def _timing(value: dict[str, Any], ctx: StageContext) -> dict[str, float]:
     timing = {}
     if value.get("first_step_at"):
         timing["stage_start_to_first_step_s"] = round(value["first_step_at"] - ctx.started_at, 2)
+        # where that went, phase by phase (rank 0's clock; one machine's or NTP-synced on a cluster)
+        marks = {**(value.get("startup_marks") or {}), "first_step_at": value["first_step_at"]}
+        phases = [("driver_and_worker_group", "worker_started_at"), ("models_and_deepspeed", "engines_ready_at"),
+                  ("restore_and_step0_monitor", "loop_ready_at"), ("first_batch_wait", "first_batch_at"),
+                  ("first_step", "first_step_at")]
+        last = ctx.started_at
+        for name, key in phases:
+            if marks.get(key):
+                timing[f"startup/{name}_s"] = round(marks[key] - last, 2)
+                last = marks[key]
     if value.get("images_per_s"):
         timing["train_images_per_s"] = round(value["images_per_s"], 2)
     if value.get("monitor_s") and value.get("steady_s"):

@@ -144,17 +144,18 @@ class ScheduleConfig:
     freeze_last_layer_iters: int = 1250  # head's last (prototype) layer gets lr 0 this long (1 epoch)
     layerwise_decay: float = 1.0  # lr multiplier decay per block from the top; 1.0 = off (0.9 in ViT-L/16 IN-1k)
     patch_embed_lr_mult: float = 0.2  # extra lr multiplier of the patch embedding
-    clip_grad: float = 3.0  # max grad norm, applied per submodule (backbone, dino head, ibot head)
+    # max grad norm: one norm over the student (DeepSpeed's gradient_clipping); the official code clips each
+    # submodule, which measured the same on small models (docs/small-compute.md, R10)
+    clip_grad: float = 3.0
 
     def __post_init__(self) -> None:
         if self.lr_scaling_rule not in LR_SCALING_RULES:
             raise ValueError(
                 f"lr_scaling_rule must be one of {LR_SCALING_RULES}, got {self.lr_scaling_rule!r}"
             )
-        if self.freeze_last_layer_iters > self.total_iters:
-            raise ValueError(
-                f"freeze_last_layer_iters={self.freeze_last_layer_iters} exceeds total_iters={self.total_iters}"
-            )
+        for name in ("warmup_iters", "freeze_last_layer_iters"):
+            if getattr(self, name) > self.total_iters:  # the lr would never reach its peak: a typo, not a recipe
+                raise ValueError(f"{name}={getattr(self, name)} exceeds total_iters={self.total_iters}")
 
 
 @dataclass

@@ -97,9 +97,13 @@ def test_deleted_output_reruns_it_and_downstream(job):
 
 def test_force_reruns_stage_and_downstream(job):
     Pipeline(job, REGISTRY).run()
+    # what a finished training stage leaves behind: checkpoints a same-key retry would resume from
+    leftover = os.path.join(job.output_root, "a", "ray_train", "step_000000012", "state.pt")
+    storage.write_bytes(leftover, b"checkpoint")
     CALLS.clear()
     Pipeline(job, REGISTRY).run(force=["a"])
     assert CALLS == ["a", "b", "c"]
+    assert not storage.exists(leftover)  # forced means from scratch, not resumed from the last run's end
 
 
 def test_failure_stops_chain_keeps_outputs_and_resumes(job):

@@ -81,6 +81,11 @@ def test_bad_schedule_arguments_are_rejected():
         CosineSchedule(1.0, 0.0, total_iters=5)[-1]
     with pytest.raises(ValueError, match="lr_scaling_rule"):
         ScheduleConfig(lr_scaling_rule="cubic")
+    for key in ("warmup_iters", "freeze_last_layer_iters"):
+        with pytest.raises(ValueError, match=f"{key}=301 exceeds total_iters=300"):
+            ScheduleConfig(total_iters=300, **{"warmup_iters": 10, "freeze_last_layer_iters": 0, key: 301})
+    # a teacher-temperature warm-up longer than a short smoke run is allowed (the temperature stays warm)
+    ScheduleConfig(total_iters=300, warmup_iters=300, freeze_last_layer_iters=20, warmup_teacher_temp_iters=400)
 
 
 def test_train_schedules_from_vitg_defaults():

@@ -101,7 +101,7 @@ def tiny_pretrain(images: Path, out: Path) -> list[str]:
             f"tracking.tracking_uri=sqlite:///{out.parent}/mlflow.db", "pretrain.schedule.total_iters=3",
             "pretrain.schedule.warmup_iters=1", "pretrain.schedule.warmup_teacher_temp_iters=1",
             "pretrain.schedule.freeze_last_layer_iters=1", "pretrain.train.checkpoint_every=3",
-            "pretrain.train.batch_size_per_worker=8",
+            "pretrain.train.batch_size_per_worker=8", "pretrain.train.scaling.cpus_per_worker=1.0",
             # the demo preset's monitor reads outputs/demo-data; here it watches CIFAR-10 instead
             f"pretrain.monitor.train.uri={images}", "pretrain.monitor.train.max_images=100",
             f"pretrain.monitor.test.uri={images.parent / 'test'}", "pretrain.monitor.test.max_images=50",

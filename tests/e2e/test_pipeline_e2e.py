@@ -113,11 +113,19 @@ def test_whole_pipeline_local_then_skip_then_partial_rerun(ray_session, demo_dat
     assert third["eval"]["summary"]["images_extracted_this_run"] < manifests["eval"]["summary"]["images_extracted_this_run"]
 
 
-def test_whole_pipeline_on_s3(ray_session, demo_data, s3_bucket, tmp_path):
+def test_pipeline_on_s3(ray_session, demo_data, s3_bucket, tmp_path):
+    """Every kind of S3 traffic of the stages: curate's parquet, Ray Train checkpoints, a stage reading its
+    upstream's backbone (highres; distill reads its teacher the same way), eval's cache and results.
+    The local test above covers distill itself."""
     root = f"{s3_bucket}/runs/r1"
-    job = job_for(demo_data, root, f"sqlite:///{tmp_path}/mlflow.db")
+    job = job_for(demo_data, root, f"sqlite:///{tmp_path}/mlflow.db", "stages=[curate, pretrain, highres, eval]",
+                  "eval.backbones=[pretrain, highres]")
     manifests = Pipeline(job, ensure_ray=lambda: None).run()
-    check_outputs(job, manifests)
+    assert list(manifests) == ["curate", "pretrain", "highres", "eval"]
+    assert manifests["curate"]["summary"]["pool_skipped"] == 3
+    results = json.loads(storage.read_bytes(manifests["eval"]["outputs"]["results"]))
+    assert {r["backbone"] for r in results} == {"pretrain", "highres", "random", "pixels"}
+    assert all(r["linear_test_top1"] > 0.1 for r in results)
     from dino_ray import backbone_io
 
     for stage in ("pretrain", "highres"):
