@@ -159,7 +159,7 @@ def markdown(result: dict) -> str:
     d = result["details"]
     pct = lambda v: "-" if v is None else f"{100 * float(v):.1f} %"  # noqa: E731
     peer = d.get("peer_lightly") if isinstance(d.get("peer_lightly"), dict) else None
-    rows = [("dino-ray (`jobs/presets/cpu.yaml`)", result["ours"], d["ours_knn_pooled_patches"],
+    rows = [(f"dino-ray (`{d['preset']}`)", result["ours"], d["ours_knn_pooled_patches"],
              d["ours_linear_top1"], d["steps"], d["train_images_per_s"])]
     if peer:
         rows.append((f"LightlyTrain {peer['lightly_train']} (`method=\"dinov2\"`, same ViT, crops, batch)",
