@@ -154,6 +154,13 @@ def monitor_curve(job, manifest: dict) -> list[tuple[int, float]]:
     return sorted((m.step, round(m.value, 4)) for m in history)
 
 
+def speed_ratio(ours_images_per_s: float | None, peer_images_per_s: float | None) -> float | None:
+    """Our training images/s over the peer's (None when either is unknown)."""
+    if not ours_images_per_s or not peer_images_per_s:
+        return None
+    return ours_images_per_s / peer_images_per_s
+
+
 def markdown(result: dict) -> str:
     """The README block of one result: the table of backbones and the lines that say who won, by how much."""
     d = result["details"]
@@ -176,8 +183,8 @@ def markdown(result: dict) -> str:
         lines.append(f"| {name} | {pct(knn)} | {pct(pooled)} | {pct(linear)} | {steps or '-'} | {ips or '-'} |")
     lines += ["", f"- SSL kNN / raw-pixel kNN: **{result['ratio']}** (target 1.0)."]
     if peer:
-        speed = (f"{d['train_images_per_s'] / peer['train_images_per_s']:.2f}"
-                 if d.get("train_images_per_s") and peer.get("train_images_per_s") else "-")
+        ratio = speed_ratio(d.get("train_images_per_s"), peer.get("train_images_per_s"))
+        speed = "-" if ratio is None else f"{ratio:.2f}"
         lines.append(f"- dino-ray minus LightlyTrain: {d['ours_minus_peer_knn_points']:+.1f} kNN points; training "
                      f"images/s, dino-ray over LightlyTrain: {speed} (target 1.5). Training wall-clock: dino-ray "
                      f"{d['pretrain_stage_s']:.0f} s for the whole stage, LightlyTrain {peer['train_wall_s']:.0f} s.")
@@ -282,9 +289,9 @@ def main() -> None:
                 "knn_k20_top1": knn(peer_row), "knn_pooled_patches": knn(peer_row, pooled=True),
                 "linear_top1": peer_row.get("linear_test_top1"), **peer_result}
             out["details"]["ours_minus_peer_knn_points"] = round(100 * (knn(ours) - knn(peer_row)), 2)
-            if peer_result.get("train_images_per_s") and pre.get("train_images_per_s"):
-                out["details"]["train_images_per_s_ours_over_peer"] = round(
-                    pre["train_images_per_s"] / peer_result["train_images_per_s"], 3)
+            ratio = speed_ratio(pre.get("train_images_per_s"), peer_result.get("train_images_per_s"))
+            if ratio is not None:
+                out["details"]["train_images_per_s_ours_over_peer"] = round(ratio, 3)
     if args.save:
         Path(args.save).write_text(json.dumps(out, indent=1) + "\n")
     publish(out, args.update_readme)
