@@ -173,7 +173,22 @@ def decode_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     min_size: int = 2,
 ) -> np.ndarray:
-    """Decode one encoded image to a writable C-contiguous ``uint8 [H, W, 3]`` RGB array, or raise DecodeError."""
+    """Decode one encoded image to a writable C-contiguous ``uint8 [H, W, 3]`` RGB array, or raise DecodeError.
+
+    Every failure of the bytes becomes a DecodeError: PIL's plugins raise ValueError, TypeError,
+    struct.error, IndexError ... on malformed headers (a byte fuzz finds them in minutes), and the
+    training stream is deterministic, so an escaped exception would hit every restart at the same file.
+    """
+    try:
+        return _decode(data, draft_size, max_pixels, min_size)
+    except DecodeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any decoder exception on these bytes is a fact about the bytes
+        reason = "truncated" if _looks_truncated(e) else "other"
+        raise DecodeError(reason, f"{type(e).__name__}: {e}") from None
+
+
+def _decode(data: bytes, draft_size: int | None, max_pixels: int, min_size: int) -> np.ndarray:
     img = _open(data, max_pixels)
     w, h = img.size
     if min(w, h) < min_size:
@@ -181,15 +196,9 @@ def decode_image(
     if draft_size is not None:
         _draft(img, draft_size)
     _load(img)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            rgb = _to_rgb(_orient(img))
-    except DecodeError:
-        raise
-    except (OSError, ValueError) as e:
-        reason = "truncated" if _looks_truncated(e) else "other"
-        raise DecodeError(reason, f"{type(e).__name__}: {e}") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rgb = _to_rgb(_orient(img))
     return np.ascontiguousarray(rgb)
 
 
