@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Mapping, TextIO
 
 from dino_ray.evals.report import format_value
 from dino_ray.progress import Note, Snapshot
+from dino_ray.tracking import redact_url
 
 log = logging.getLogger("dino_ray.console")
 
@@ -100,7 +101,8 @@ def experiment_page(base_url: str, experiment_id: str | None) -> str:
 
 
 def mlflow_hint(tracking_uri: str, experiment_id: str | None = None) -> str:
-    """How to open the runs: the UI command for a local store, else the server's page."""
+    """How to open the runs: the UI command for a local store, else the server's page (no credentials)."""
+    tracking_uri = redact_url(tracking_uri)
     if tracking_uri.startswith("databricks"):
         return tracking_uri
     if tracking_uri.startswith(("http://", "https://")):

@@ -333,4 +333,4 @@ def _redact(tree: Any) -> Any:
         return {k: ("***" if tracking.is_secret(str(k)) else _redact(v)) for k, v in tree.items()}
     if isinstance(tree, list):
         return [_redact(v) for v in tree]
-    return tree
+    return tracking.redact_url(tree) if isinstance(tree, str) else tree

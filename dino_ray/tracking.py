@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 from importlib import metadata
 from typing import Any, Iterator, Mapping
 
-SECRET_MARKERS = ("key", "secret", "token", "password", "credential", "passwd")
+SECRET_MARKERS = ("key", "secret", "token", "password", "credential", "credentials", "passwd")
+# user:password@ inside a URL (https://u:p@host, postgresql://u:p@host/db, s3://KEY:SECRET@bucket).
+_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s:]*:[^/@\s]*@")
 LOCAL_DB = "mlflow.db"
 LOCAL_ARTIFACTS = "mlruns"
 # The experiment kind MLflow 3's UI writes when it creates an experiment ("Machine learning", not
@@ -48,8 +51,16 @@ def fluent(tracking_uri: str) -> Any:
 
 
 def is_secret(key: str) -> bool:
-    last = key.lower().rsplit(".", 1)[-1]
-    return any(m in last for m in SECRET_MARKERS)
+    """A config key whose value is a secret: a marker as a word of its last part (``aws_secret_access_key``,
+    ``api_token``) or its ending (``accessKey``); ``num_register_tokens`` or ``keep_on_change`` are not."""
+    last = key.rsplit(".", 1)[-1]
+    words = re.split(r"[_\-]", last.lower())
+    return any(m in words or last.lower().endswith(m) for m in SECRET_MARKERS)
+
+
+def redact_url(value: str) -> str:
+    """The string with any ``user:password@`` of a URL in it replaced by ``***@``."""
+    return _URL_USERINFO.sub(r"\g<scheme>***@", value)
 
 
 def safe_params(flat: Mapping[str, Any]) -> dict[str, str]:
@@ -58,7 +69,7 @@ def safe_params(flat: Mapping[str, Any]) -> dict[str, str]:
     for k, v in flat.items():
         if is_secret(k):
             continue
-        s = str(v)
+        s = redact_url(str(v))
         out[k] = s if len(s) <= 6000 else s[:5997] + "..."
     return out
 
