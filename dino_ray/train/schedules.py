@@ -153,6 +153,22 @@ class ScheduleConfig:
             raise ValueError(
                 f"lr_scaling_rule must be one of {LR_SCALING_RULES}, got {self.lr_scaling_rule!r}"
             )
+        # name: (low, high, low inclusive): NaN fails every comparison, so it is refused too.
+        ranges = {"total_iters": (1, math.inf, True), "base_lr": (0, math.inf, False),
+                  "min_lr": (0, math.inf, True), "weight_decay": (0, math.inf, True),
+                  "weight_decay_end": (0, math.inf, True), "momentum_teacher": (0, 1, True),
+                  "final_momentum_teacher": (0, 1, True), "warmup_teacher_temp": (0, math.inf, False),
+                  "teacher_temp": (0, math.inf, False), "clip_grad": (0, math.inf, True),
+                  "warmup_iters": (0, math.inf, True), "warmup_teacher_temp_iters": (0, math.inf, True),
+                  "freeze_last_layer_iters": (0, math.inf, True), "layerwise_decay": (0, 1, False),
+                  "patch_embed_lr_mult": (0, math.inf, True)}
+        for name, (low, high, inclusive) in ranges.items():
+            value = getattr(self, name)
+            above = value >= low if inclusive else value > low
+            if not (above and value <= high and math.isfinite(value)):
+                bound = f"in {'[' if inclusive else '('}{low}, {high}]" if high != math.inf else \
+                    f"{'>=' if inclusive else '>'} {low} and finite"
+                raise ValueError(f"schedule.{name}={value!r} must be {bound}")
         for name in ("warmup_iters", "freeze_last_layer_iters"):
             if getattr(self, name) > self.total_iters:  # the lr would never reach its peak: a typo, not a recipe
                 raise ValueError(f"{name}={getattr(self, name)} exceeds total_iters={self.total_iters}")

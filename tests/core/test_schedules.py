@@ -88,6 +88,16 @@ def test_bad_schedule_arguments_are_rejected():
     ScheduleConfig(total_iters=300, warmup_iters=300, freeze_last_layer_iters=20, warmup_teacher_temp_iters=400)
 
 
+@pytest.mark.parametrize("key, value", [
+    ("base_lr", -1.0), ("base_lr", float("nan")), ("min_lr", float("-inf")), ("teacher_temp", 0.0),
+    ("warmup_teacher_temp", -0.04), ("momentum_teacher", 2.0), ("clip_grad", -1.0), ("total_iters", 0),
+    ("weight_decay", float("nan")), ("layerwise_decay", 0.0), ("warmup_iters", -5)])
+def test_out_of_range_schedule_values_name_the_key(key, value):
+    kwargs = {"total_iters": 300, "warmup_iters": 10, "freeze_last_layer_iters": 0, key: value}
+    with pytest.raises(ValueError, match=f"schedule.{key}="):
+        ScheduleConfig(**kwargs)
+
+
 def test_train_schedules_from_vitg_defaults():
     cfg = ScheduleConfig()
     sched = TrainSchedules.from_config(cfg, global_batch=3072)
