@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dino_ray.config.loader import apply_overrides, config_hash, load_job, parse_override
+from dino_ray.config.loader import apply_overrides, config_hash, load_job, load_raw, parse_override
 from dino_ray.config.typed import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -92,6 +92,19 @@ def test_bad_yaml_and_circular_base(tmp_path):
         load_job(tmp_path / "a.yaml")
     with pytest.raises(ConfigError, match="config file not found"):
         load_job(tmp_path / "missing.yaml")
+
+
+def test_duplicate_keys_binary_files_and_folders_are_one_line_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"key 'seed' appears twice in one mapping \(lines 2 and 3\)"):
+        load_job(write(tmp_path, "dup.yaml", "name: x\nseed: 1\nseed: 2\n"))
+    merged = "a: &a {every: 5, size: 3}\nb: {<<: *a, every: 7}\n"  # a merge key may be overridden
+    assert load_raw(write(tmp_path, "merge.yaml", merged))[0]["b"] == {"every": 7, "size": 3}
+    (tmp_path / "bin.yaml").write_bytes(b"name: x\n\xff\xfe\x00")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_job(tmp_path / "bin.yaml")
+    (tmp_path / "dir.yaml").mkdir()
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_job(tmp_path / "dir.yaml")
 
 
 def test_curate_without_embedder_is_rejected(demo_inputs):
