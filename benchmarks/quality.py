@@ -103,37 +103,51 @@ def scaled_schedule(schedule, steps: int) -> str:
             f"freeze_last_layer_iters: {scale(schedule.freeze_last_layer_iters)}}}")
 
 
-def run_peer(python: str, train_dir: Path, job, minutes: float, out: Path) -> Path | None:
-    """Train LightlyTrain's DINOv2 in its own venv; returns a dino-ray backbone dir, or None (skipped)."""
-    from dino_ray import backbone_io
-
+def peer_available(python: str, who: str) -> bool:
+    """Whether ``python`` exists and imports lightly_train (with the peer script's shim); if not, one line
+    on stderr says why (``who`` names the benchmark) and the caller leaves the peer out."""
     if not python or not Path(python).exists():
-        print(f"[quality] peer lightly skipped: no peer Python at {python!r} (see README: benchmarks)",
+        print(f"[{who}] peer lightly skipped: no peer Python at {python!r} (see README: benchmarks)",
               file=sys.stderr)
-        return None
+        return False
     shim = REPO / "benchmarks" / "peers"  # the peer script's torchvision shim, as the run will use it
     probe = subprocess.run([python, "-c", f"import sys; sys.path.insert(0, {str(shim)!r}); import lightly_dinov2; "
                             "lightly_dinov2.install_torchvision_cpu_shim(); import lightly_train"],
                            capture_output=True, text=True)
     if probe.returncode:
-        print(f"[quality] peer lightly skipped: lightly_train does not import in {python}: "
+        print(f"[{who}] peer lightly skipped: lightly_train does not import in {python}: "
               f"{probe.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
-        return None
-    cfg = job.pretrain
+        return False
+    return True
+
+
+def run_peer_script(python: str, job, train_dir: Path, out: Path, **extra) -> dict:
+    """Run ``benchmarks/peers/lightly_dinov2.py`` on the spec of ``job``'s pretrain stage (ViT, crops, loss,
+    schedule, batch) plus ``extra`` keys, training on ``train_dir``; returns its ``result.json``."""
     import dataclasses
 
     from dino_ray.models import build_backbone
 
+    cfg = job.pretrain
     vit = dataclasses.asdict(build_backbone(cfg.model.arch, **cfg.model.backbone_kwargs()).config)
     spec = {"vit": vit, "crops": dataclasses.asdict(cfg.data.crops), "loss": dataclasses.asdict(cfg.loss),
             "schedule": dataclasses.asdict(cfg.schedule), "batch": cfg.train.batch_size_per_worker,
-            "minutes": minutes, "data": str(train_dir), "out": str(out), "seed": job.seed}
-    spec_file = out / "spec.json"
+            "data": str(train_dir), "out": str(out), "seed": job.seed, **extra}
     out.mkdir(parents=True, exist_ok=True)
-    spec_file.write_text(json.dumps(spec, default=str))
+    (out / "spec.json").write_text(json.dumps(spec, default=str))
+    subprocess.run([python, str(REPO / "benchmarks" / "peers" / "lightly_dinov2.py"), str(out / "spec.json")],
+                   check=True)
+    return json.loads((out / "result.json").read_text())
+
+
+def run_peer(python: str, train_dir: Path, job, minutes: float, out: Path) -> Path | None:
+    """Train LightlyTrain's DINOv2 in its own venv; returns a dino-ray backbone dir, or None (skipped)."""
+    from dino_ray import backbone_io
+
+    if not peer_available(python, "quality"):
+        return None
     start = time.time()
-    subprocess.run([python, str(REPO / "benchmarks" / "peers" / "lightly_dinov2.py"), str(spec_file)], check=True)
-    result = json.loads((out / "result.json").read_text())
+    result = run_peer_script(python, job, train_dir, out, minutes=minutes)
     import torch
 
     state = torch.load(result["weights"], map_location="cpu", weights_only=True)
@@ -143,6 +157,13 @@ def run_peer(python: str, train_dir: Path, job, minutes: float, out: Path) -> Pa
     result["wall_s"] = round(time.time() - start, 1)
     (out / "result.json").write_text(json.dumps(result))
     return out / "lightly_train"
+
+
+def add_peer_args(p: argparse.ArgumentParser) -> None:
+    """``--peer lightly`` and ``--peer-python`` (default: env DINO_RAY_PEER_PYTHON), shared by the benchmarks."""
+    p.add_argument("--peer", choices=["lightly"], default=None)
+    p.add_argument("--peer-python", default=os.environ.get("DINO_RAY_PEER_PYTHON", ""),
+                   help="the Python of the LightlyTrain venv (README: benchmarks)")
 
 
 def monitor_curve(job, manifest: dict) -> list[tuple[int, float]]:
@@ -200,8 +221,7 @@ def main() -> None:
     p.add_argument("--minutes", type=float, default=30.0, help="training budget (default 30)")
     p.add_argument("--quick", action="store_true", help="10k train / 2k test images, 5 minutes")
     p.add_argument("--preset", default=str(REPO / "jobs" / "presets" / "cpu.yaml"))
-    p.add_argument("--peer", choices=["lightly"], default=None)
-    p.add_argument("--peer-python", default=os.environ.get("DINO_RAY_PEER_PYTHON", ""))
+    add_peer_args(p)
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "dino-ray-quality"))
     p.add_argument("--save", metavar="JSON", help="also write the result to this file")
     p.add_argument("--update-readme", metavar="NAME",

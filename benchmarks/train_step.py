@@ -1,101 +1,224 @@
-"""One full DINOv2 SSL step on this machine: images/s and achieved FLOP/s vs the measured matmul peak.
+"""Our training step on a preset's model: images/s against LightlyTrain's and FLOP/s against the matmul peaks.
 
-The step is what a training worker runs (without DeepSpeed's communication, which is a no-op on one
-process): teacher forward on the global crops, packed student forward on all crops, DINO + iBOT +
-KoLeo losses, backward, AdamW, EMA update. FLOPs are counted analytically for the backbone (the heads
-are a few percent): per token and block 24*D^2 (qkv, proj, 4x MLP) + 4*N*D (attention), x3 for the
-student (forward + backward) and x1 for the teacher. The baseline is a large fp32 matmul timed in the
-same run, interleaved with the steps, so ratio = fraction of the machine's peak the step achieves.
+What one step of the product costs on this machine, put two ways: against the peer framework training
+the same ViT on the same crops, batch and loss (``--peer lightly``: is our step fast?), and against
+what this CPU's matrix units can do at all (how much is left?).
 
-    python benchmarks/train_step.py [--quick] [--arch vit_small] [--batch 8]
+Our step is the pretrain stage's step (``dino_ray/stages/train_loop.py``) built from the same modules,
+without Ray and DeepSpeed, which are a no-op for the presets' one worker at ZeRO stage 0: the preset's
+model (student with drop path, EMA teacher), parameter groups and AdamW, schedules, teacher forward on
+the global crops, packed student forward on all crops with iBOT masks, DINO + iBOT + KoLeo losses,
+backward, one global grad-norm clip at ``schedule.clip_grad`` (DeepSpeed's ``gradient_clipping``), EMA
+update. Precision is what the stage chooses (``dino_ray/train/precision.py``: bf16 autocast only where
+the CPU multiplies bf16 natively). Its input is real MultiCrop crops of CIFAR-10 JPEGs
+(``../shared/data``), made up front so the timing is the step alone; the speed is the median over the
+timed steps. FLOPs count the tokens computed: backbone on every token of every crop (masked patches
+too, as mask tokens) plus the heads (DINO on CLS tokens, iBOT on the masked patches of each batch),
+x3 for the student (forward + backward), x1 for the teacher. The fp32 and bf16 matmul peaks are timed
+in the same run, interleaved with the steps, since the machine is shared.
+
+    python benchmarks/train_step.py [--quick] [--preset jobs/presets/demo.yaml]
+        [--peer lightly --peer-python PEER/bin/python]
+
+Last stdout line: JSON with ours = our images/s, baseline = LightlyTrain's (null without the peer: a
+missing peer Python or a failing ``import lightly_train`` is one line on stderr, not an error).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
-import torch
-
-
-def backbone_flops(dim: int, depth: int, tokens: int, images: int) -> float:
-    """Forward FLOPs (2 per multiply-add) of the transformer blocks for ``images`` sequences."""
-    per_token_block = 24 * dim * dim + 4 * tokens * dim
-    return float(per_token_block * tokens * depth * images)
+from quality import REPO, SHARED, add_peer_args, extract_cifar, peer_available, run_peer_script, speed_ratio
 
 
-def matmul_flops_per_s(n: int = 1024, reps: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    t = time.perf_counter()
-    for _ in range(reps):
-        torch.mm(a, b)
-    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+def image_folder(work: Path, per_class: int) -> tuple[Path, str]:
+    """A folder of real images for both frameworks: CIFAR-10 train JPEGs, else (said on stderr) noise JPEGs."""
+    if SHARED.is_file():
+        return extract_cifar(SHARED, work / "cifar10", per_class, 0) / "train", f"CIFAR-10 train JPEGs ({SHARED})"
+    import numpy as np
+    from PIL import Image
+
+    print(f"[train_step] CIFAR-10 not found at {SHARED}: timing on random-noise 32x32 JPEGs instead "
+          "(the step costs the same; the crops are not real photos)", file=sys.stderr)
+    folder = work / "noise" / "train"
+    (folder / "noise").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(10 * per_class):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / "noise" / f"{i:04d}.jpg")
+    return folder, "random-noise JPEGs (CIFAR-10 not found)"
+
+
+def crop_batches(folder: Path, job, n_batches: int) -> list[dict]:
+    """``n_batches`` collated batches of the preset's MultiCrop crops and masks, as the data actors ship them."""
+    import torch
+
+    from dino_ray.data.decode import decode_image
+    from dino_ray.data.multicrop import MultiCrop
+
+    cfg, b = job.pretrain, job.pretrain.train.batch_size_per_worker
+    files = sorted(folder.rglob("*.jpg"), key=lambda f: (f.stem, f.parent.name))[:n_batches * b]  # classes mixed
+    crop = MultiCrop(cfg.data.crops, cfg.data.masking, seed=job.seed)
+    items = [crop(decode_image(f.read_bytes()), i) for i, f in enumerate(files)]
+    return [torch.utils.data.default_collate(items[i:i + b]) for i in range(0, len(items), b)]
+
+
+def linear_macs(module) -> int:
+    """Multiply-adds per row through the module's linear layers (``nn.Linear`` and the heads' weight-norm one)."""
+    return sum(m.in_features * m.out_features for m in module.modules() if hasattr(m, "in_features"))
+
+
+def step_flops(model, crops, batch: int, masked: float) -> float:
+    """FLOPs (2 per multiply-add) of one step: 3x the student's forward on all crops + the teacher's on the
+    global crops; backbone on every token (CLS, registers, patches), heads on CLS and ``masked`` patches."""
+    bb, p = model.backbone, crops.patch_size
+    d, depth, blocks = bb.embed_dim, len(bb.blocks), linear_macs(bb.blocks)
+    ibot = model.ibot_head if model.ibot_head is not None else model.dino_head
+
+    def backbone(size: int, images: int) -> float:
+        patches = (size // p) ** 2
+        n = 1 + bb.num_register_tokens + patches
+        return 2 * images * (n * blocks + 2 * n * n * d * depth + patches * bb.config.in_chans * p * p * d)
+
+    def heads(cls_rows: int) -> float:
+        return 2 * (cls_rows * linear_macs(model.dino_head) + masked * linear_macs(ibot))
+
+    n_g, n_l = crops.global_crops_number * batch, crops.local_crops_number * batch
+    teacher = backbone(crops.global_crops_size, n_g) + heads(n_g)
+    student = backbone(crops.global_crops_size, n_g) + backbone(crops.local_crops_size, n_l) + heads(n_g + n_l)
+    return 3 * student + teacher
+
+
+def our_step(job, precision):
+    """The stage's training step on the preset's pretrain config; returns ``step(batch, i)``, and the student."""
+    import copy
+
+    import torch
+
+    from dino_ray.data.multicrop import normalize_batch
+    from dino_ray.stages.train_loop import _build_ssl_model
+    from dino_ray.train import precision as mixed
+    from dino_ray.train.ema import ema_update_, matching_parameters
+    from dino_ray.train.param_groups import apply_schedules, build_param_groups
+    from dino_ray.train.schedules import TrainSchedules
+    from dino_ray.train.ssl_arch import SSLObjective
+
+    cfg, sch = job.pretrain, job.pretrain.schedule
+    torch.manual_seed(job.seed)
+    student = _build_ssl_model(cfg.model, cfg.loss, drop_path=True)
+    teacher = copy.deepcopy(student).requires_grad_(False).eval()
+    opt = torch.optim.AdamW(build_param_groups(student, sch.layerwise_decay, sch.patch_embed_lr_mult,
+                                               sch.weight_decay), betas=(0.9, 0.999))
+    objective, schedules = SSLObjective(cfg.loss), TrainSchedules.from_config(sch, cfg.train.batch_size_per_worker)
+    t_params, s_params = matching_parameters(teacher, student)
+    n_g, n_l = cfg.data.crops.global_crops_number, cfg.data.crops.local_crops_number
+    autocast = mixed.autocast(precision, torch.device("cpu"))
+
+    def step(batch: dict, i: int) -> None:
+        crops, v = normalize_batch(batch, cfg.data.crops), schedules.values(i)
+        masks = crops["masks"]
+        with torch.no_grad(), autocast:
+            t_out = teacher(crops["global_crops"], None, masks, apply_masks=False)
+        targets = objective.teacher_targets(t_out, v["teacher_temp"], n_g)
+        apply_schedules(opt, v["lr"], v["wd"], v["last_layer_lr"])
+        with autocast:
+            s_out = student(crops["global_crops"], crops["local_crops"] if n_l else None, masks, apply_masks=True)
+        loss, _ = objective(s_out, targets, masks, n_g, n_l)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if sch.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(student.parameters(), sch.clip_grad)
+        opt.step()
+        ema_update_(t_params, s_params, v["mom"])
+
+    return step, student
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--arch", default="vit_small")
-    p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--threads", type=int, default=2)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer timed steps (and peer steps)")
+    p.add_argument("--preset", default=str(REPO / "jobs" / "presets" / "demo.yaml"))
+    p.add_argument("--threads", type=int, default=None, help="default: the preset's CPUs per worker")
+    p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "dino-ray-train-step"))
+    add_peer_args(p)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    from dino_ray.models import build_backbone
-    from dino_ray.train.ema import ema_update_, matching_parameters
-    from dino_ray.train.ssl_arch import LossConfig, SSLModel, SSLObjective
+    # OpenMP threads that spin-wait crawl when another process holds a core (10x slower steps here on a
+    # shared machine, nearly nothing gained on a quiet one); set before torch loads, inherited by the peer
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import torch
 
-    batch = args.batch or (4 if args.quick else 8)
-    g, l, n_g, n_l = 224, 98, 2, 8
-    if args.quick:
-        g, l = 112, 56
-    loss_cfg = LossConfig(dino_out_dim=4096, ibot_out_dim=4096)
-    torch.manual_seed(0)
-    student = SSLModel.build(build_backbone(args.arch, img_size=g, drop_path_rate=0.1), loss_cfg)
-    teacher = SSLModel.build(build_backbone(args.arch, img_size=g), loss_cfg)
-    teacher.load_state_dict(student.state_dict())
-    teacher.eval().requires_grad_(False)
-    t_params, s_params = matching_parameters(teacher, student)
-    objective = SSLObjective(loss_cfg)
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
-    globals_ = torch.randn(n_g * batch, 3, g, g)
-    locals_ = torch.randn(n_l * batch, 3, l, l)
-    patches = (g // 14) ** 2
-    masks = torch.rand(n_g * batch, patches) < 0.3
+    from dino_ray.config.loader import load_job
+    from dino_ray.train import precision as mixed
 
-    def step() -> None:
-        with torch.no_grad():
-            targets = objective.teacher_targets(teacher(globals_, None, masks, apply_masks=False), 0.07, n_g)
-        out = student(globals_, locals_, masks, apply_masks=True)
-        loss, _ = objective(out, targets, masks, n_g, n_l)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        ema_update_(t_params, s_params, 0.996)
-
-    bb = student.backbone
-    d, depth = bb.embed_dim, len(bb.blocks)
-    tg, tl = 1 + patches, 1 + (l // 14) ** 2
-    flops = 3 * (backbone_flops(d, depth, tg, n_g * batch) + backbone_flops(d, depth, tl, n_l * batch)) \
-        + backbone_flops(d, depth, tg, n_g * batch)
-    step()  # warm-up
-    rounds = 2 if args.quick else 4
-    step_times, peaks = [], []
-    for _ in range(rounds):
+    job = load_job(args.preset)
+    cfg = job.pretrain
+    batch, crops = cfg.train.batch_size_per_worker, cfg.data.crops
+    threads = args.threads or int(cfg.train.threads_per_worker or cfg.train.scaling.cpus_per_worker)
+    torch.set_num_threads(threads)
+    warmup, timed, peer_steps = (3, 15, 30) if args.quick else (5, 50, 60)
+    work = Path(args.work)
+    folder, images = image_folder(work, per_class=100)
+    batches = crop_batches(folder, job, n_batches=4)
+    precision = mixed.resolve(cfg.train.precision, torch.device("cpu"))
+    flags = mixed.cpu_bf16_flags()
+    step, student = our_step(job, precision)
+    masked = [float(sum(b[k].sum() for k in b if k.startswith("mask_"))) for b in batches]  # iBOT head rows
+    flops = statistics.mean(step_flops(student, crops, batch, m) for m in masked)
+    # an emulated bf16 matmul runs ~1 GFLOP/s: a small one says as much as a large one, in 1/64 of the time
+    sizes = {torch.float32: 1024, torch.bfloat16: 1024 if flags else 256}
+    peaks: dict = {dt: [] for dt in sizes}
+    times = []
+    for i in range(warmup + timed):
         t = time.perf_counter()
-        step()
-        step_times.append(time.perf_counter() - t)
-        peaks.append(matmul_flops_per_s())
-    step_s = sorted(step_times)[len(step_times) // 2]
-    peak = sorted(peaks)[len(peaks) // 2]
-    achieved = flops / step_s
+        step(batches[i % len(batches)], i)
+        times.append(time.perf_counter() - t)
+        if i >= warmup and (i - warmup) % max(1, timed // 5) == 0:  # interleaved: the same machine state
+            for dt, n in sizes.items():
+                peaks[dt].append(2 * n ** 3 / mixed._time_matmul(dt, n, reps=3))
+    step_s = statistics.median(times[warmup:])
+    fp32, bf16 = (statistics.median(peaks[dt]) for dt in sizes)
+    ours = batch / step_s
+
+    peer = None
+    if args.peer and peer_available(args.peer_python, "train_step"):
+        try:
+            peer = run_peer_script(args.peer_python, job, folder, work / "peer", max_steps=peer_steps,
+                                   warmup_steps=5, threads=threads)
+        except subprocess.CalledProcessError as e:
+            print(f"[train_step] peer lightly failed (exit {e.returncode}): no peer row", file=sys.stderr)
+    baseline = peer.get("train_images_per_s") if peer else None
+    ratio = speed_ratio(ours, baseline)
+    vit = student.backbone.config
     print(json.dumps({
-        "name": "train_step_flops_vs_matmul_peak", "unit": "FLOP/s", "ours": achieved, "baseline": peak,
-        "ratio": achieved / peak, "images_per_s": batch / step_s, "step_s": step_s, "arch": args.arch,
-        "batch": batch, "crops": f"{n_g}x{g} + {n_l}x{l}", "threads": torch.get_num_threads(),
-        "flops_per_step": flops, "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+        "name": "train_step_images_per_s_vs_lightly_train", "unit": "images/s", "ours": round(ours, 2),
+        "baseline": baseline, "ratio": None if ratio is None else round(ratio, 3),
+        "details": {
+            "steps_per_s": round(1 / step_s, 3), "step_s_median": round(step_s, 4), "warmup_steps": warmup,
+            "timed_steps": timed, "flops_per_step": flops, "achieved_flop_per_s": flops / step_s,
+            "fp32_matmul_peak_flop_per_s": fp32, "bf16_matmul_peak_flop_per_s": bf16,
+            "fraction_of_fp32_peak": round(flops / step_s / fp32, 3),
+            "fraction_of_bf16_peak": round(flops / step_s / bf16, 3),
+            "matmul_sizes": {str(dt).split(".")[1]: n for dt, n in sizes.items()},
+            "native_bf16": None if flags is None else bool(flags), "bf16_flags": sorted(flags or []),
+            "precision": precision.name, "precision_reason": precision.reason,
+            "batch": batch, "crops": f"{crops.global_crops_number}x{crops.global_crops_size} + "
+                                     f"{crops.local_crops_number}x{crops.local_crops_size}",
+            "model": f"ViT D={vit.embed_dim} depth={vit.depth} heads={vit.num_heads} patch={vit.patch_size} "
+                     f"img={vit.img_size} ffn={vit.ffn_layer}; heads {cfg.loss.dino_out_dim}/{cfg.loss.ibot_out_dim}",
+            "preset": os.path.relpath(args.preset, REPO), "images": images, "threads": torch.get_num_threads(),
+            "omp_wait_policy": os.environ["OMP_WAIT_POLICY"], "torch": torch.__version__,
+            "python": platform.python_version(),
+            "cpu": platform.processor() or platform.machine(), "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
+            **({"peer_lightly": peer} if peer else {}),
+        },
     }))
 
 

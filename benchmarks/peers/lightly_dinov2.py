@@ -10,6 +10,14 @@ batch, budget, data folder, out folder). Fair by construction: its own steps/s i
 short run first, so its schedules (warm-ups, cosine) span the steps that fit the budget, as ours do;
 Lightning's ``max_time`` stops it at the budget regardless. The exported backbone (official DINOv2 key
 layout) goes to ``out/exported_models/exported_last.pt``; ``out/result.json`` says where and how fast.
+
+With a ``max_steps`` key (``benchmarks/train_step.py``) it skips the probe and the budget and trains
+exactly that many steps to time them: a batch time logged every step, and the data loaded in the
+training process (``num_workers=0``), so its augmentation does not share the cores with a step being
+timed (our side times crops made up front). LightlyTrain logs the step (``profiling/batch_time``: from
+its batch-start to batch-end hook, which covers forward, backward, optimizer step and EMA update)
+apart from the wait for data (``profiling/data_time``), so the speed is the batch over the median
+batch time after the first ``warmup_steps``.
 """
 
 from __future__ import annotations
@@ -53,7 +61,8 @@ def build_vit(vit: dict):
         block_fn=partial(NestedTensorBlock, attn_class=MemEffAttention))
 
 
-def pretrain(spec: dict, out: Path, steps: int, max_minutes: float | None) -> float:
+def pretrain(spec: dict, out: Path, steps: int, max_minutes: float | None, log_every: int | None = None,
+             num_workers: int = 1) -> float:
     """One LightlyTrain run; returns its wall-clock seconds."""
     import lightly_train
 
@@ -66,10 +75,12 @@ def pretrain(spec: dict, out: Path, steps: int, max_minutes: float | None) -> fl
     trainer_args = {"max_steps": steps}
     if max_minutes:
         trainer_args["max_time"] = {"minutes": max_minutes}
+    if log_every:  # LightlyTrain logs every min(50, batches per epoch) steps unless told
+        trainer_args["log_every_n_steps"] = log_every
     start = time.time()
     lightly_train.pretrain(
         out=str(out), data=spec["data"], model=build_vit(spec["vit"]), method="dinov2",
-        batch_size=spec["batch"], num_workers=1, accelerator="cpu", devices=1, precision="32-true",
+        batch_size=spec["batch"], num_workers=num_workers, accelerator="cpu", devices=1, precision="32-true",
         seed=spec["seed"], trainer_args=trainer_args, optim="adamw",
         optim_args={"lr": sched["base_lr"], "weight_decay": sched["weight_decay"]},
         method_args={
@@ -107,14 +118,17 @@ def main() -> None:
     install_torchvision_cpu_shim()
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(spec.get("threads", 2))
+    if spec.get("max_steps"):
+        timed_steps(spec, out)
+        return
     probe_steps = 20
     probe_s = pretrain(spec, out / "probe", probe_steps, None)  # includes its start-up, so a lower bound
     budget_s = spec["minutes"] * 60
     steps = max(probe_steps, int(budget_s / (probe_s / probe_steps)))
     wall = pretrain(spec, out / "run", steps, spec["minutes"])
     weights = out / "run" / "exported_models" / "exported_last.pt"
-    done, batch_s = steps_done(out / "run")
+    done, batch_s, _ = steps_done(out / "run")
     (out / "result.json").write_text(json.dumps({
         "weights": str(weights), "vit": spec["vit"], "planned_steps": steps, "steps": done,
         "probe_s_per_step": probe_s / probe_steps, "train_wall_s": round(wall, 1),
@@ -124,16 +138,37 @@ def main() -> None:
         "lightly_train": __import__("lightly_train").__version__, "torch": torch.__version__}))
 
 
-def steps_done(run: Path) -> tuple[int, float | None]:
-    """Optimizer steps the run made (``max_time`` may stop it before the planned steps) and the median
-    logged batch time, from LightlyTrain's ``metrics.jsonl``."""
+def timed_steps(spec: dict, out: Path) -> None:
+    """``max_steps`` mode: exactly that many steps, timed from LightlyTrain's own per-step log."""
+    import torch
+
+    steps, warmup = spec["max_steps"], spec.get("warmup_steps", 5)
+    wall = pretrain(spec, out / "run", steps, None, log_every=1, num_workers=0)
+    done, batch_s, data_s = steps_done(out / "run", skip=warmup)
+    (out / "result.json").write_text(json.dumps({
+        "steps": done, "timed_steps": max(0, done - warmup), "train_wall_s": round(wall, 1),
+        "train_images_per_s": round(spec["batch"] / batch_s, 2) if batch_s else None,
+        "steps_per_s": round(1 / batch_s, 3) if batch_s else None,
+        "batch_time_s": batch_s, "data_time_s": data_s,
+        "timing": f"median profiling/batch_time after {warmup} warm-up steps; the data wait (profiling/data_time, "
+                  "num_workers=0) is logged apart and not in it",
+        "lightly_train": __import__("lightly_train").__version__, "torch": torch.__version__}))
+
+
+def steps_done(run: Path, skip: int = 0) -> tuple[int, float | None, float | None]:
+    """Optimizer steps the run made (``max_time`` may stop it before the planned steps) and the medians
+    of the logged batch and data times after the first ``skip`` logged ones, from ``metrics.jsonl``."""
     import statistics
 
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [int(r["step"]) + 1 for r in rows if "step" in r]
     ckpts = [int(p.stem.rsplit("step=", 1)[1]) for p in (run / "checkpoints").glob("*step=*.ckpt")]
-    times = [float(r["profiling/batch_time"]) for r in rows if "profiling/batch_time" in r]
-    return max(steps + ckpts + [0]), (statistics.median(times) if times else None)
+
+    def median(key: str) -> float | None:
+        times = [float(r[key]) for r in rows if key in r][skip:]
+        return statistics.median(times) if times else None
+
+    return max(steps + ckpts + [0]), median("profiling/batch_time"), median("profiling/data_time")
 
 
 if __name__ == "__main__":
