@@ -10,6 +10,7 @@ in :mod:`dino_ray.data.multicrop`, losses in :mod:`dino_ray.losses.config`, sche
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
@@ -287,6 +288,9 @@ class TrackingConfig:
     max_model_gb: float = bounded(8.0, ge=0.0)
 
 
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
 @dataclass
 class JobConfig:
     """A job YAML: which stages to run, where outputs go, and every stage's settings."""
@@ -318,6 +322,26 @@ class JobConfig:
             check_patch_grid(self.pretrain.model, self.highres.data)  # high-res continues the pretrain model
         except ValueError as e:
             raise ConfigError(f"{e} (highres.data vs pretrain.model)", "highres.data.crops") from None
+        if self.highres.img_size % self.pretrain.model.patch_size:
+            raise ConfigError(f"{self.highres.img_size} is not a multiple of pretrain.model.patch_size "
+                              f"{self.pretrain.model.patch_size}", "highres.img_size")
+        # highres starts from pretrain's heads, distill loads its teacher stage's heads: same shapes or a
+        # strict-load failure inside every worker, after the cluster has started.
+        loaders = [("highres", "pretrain")]
+        if self.distill.teacher in ("pretrain", "highres"):
+            loaders.append(("distill", self.distill.teacher))
+        for stage, source in loaders:
+            mine, theirs = getattr(self, stage).loss.head_shapes(), getattr(self, source).loss.head_shapes()
+            diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+            if diff:
+                said = ", ".join(f"{k}: {a} in {source}, {b} here" for k, (a, b) in diff.items())
+                raise ConfigError(f"heads differ from the {source} stage it loads ({said})", f"{stage}.loss")
+        names = [("distill.students", s.name) for s in self.distill.students] + \
+            [("eval.datasets", d.name) for d in self.eval.datasets]
+        for key, name in names:
+            if not _SAFE_NAME.fullmatch(name) or name in (".", ".."):
+                raise ConfigError(f"name {name!r} must be one folder name (letters, digits, '.', '_', '-'): "
+                                  "it becomes an output folder and an MLflow name", key)
 
     def stage_names(self) -> tuple[str, ...]:
         return STAGE_NAMES

@@ -40,6 +40,13 @@ class LossConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"LossConfig.{name} must be >= 1, got {getattr(self, name)}")
 
+    def head_shapes(self) -> dict[str, int | bool]:
+        """What decides the heads' tensor shapes: a stage that loads another stage's heads must agree on it."""
+        keys = ("dino_out_dim", "head_hidden_dim", "dino_bottleneck_dim", "head_n_layers", "share_heads")
+        if not self.share_heads:
+            keys += ("ibot_out_dim", "ibot_bottleneck_dim")
+        return {k: getattr(self, k) for k in keys}
+
     @property
     def patch_out_dim(self) -> int:
         """Prototype count of the head that scores masked patches."""

@@ -83,6 +83,20 @@ def test_bad_values_name_file_key_and_expectation(demo_inputs, override, message
     assert "pretrain.yaml" in str(err.value)
 
 
+@pytest.mark.parametrize("override, message", [
+    ("highres.img_size=50", r"highres\.img_size: 50 is not a multiple of pretrain\.model\.patch_size 4"),
+    ("highres.loss.dino_out_dim=128", r"highres\.loss: heads differ from the pretrain stage it loads "
+                                      r"\(dino_out_dim: 256 in pretrain, 128 here\)"),
+    ("distill.loss.head_hidden_dim=64", r"distill\.loss: heads differ from the highres stage"),
+    ("distill.students=[{name: ../../x, model: {arch: vit_small, patch_size: 4, img_size: 32}}]",
+     r"distill\.students: name '\.\./\.\./x' must be one folder name"),
+    ("eval.datasets=[{name: a/b}]", r"eval\.datasets: name 'a/b' must be one folder name"),
+])
+def test_cross_stage_mistakes_fail_at_validation(demo_inputs, override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_job(JOBS / "pipeline.yaml", [override])
+
+
 def test_bad_yaml_and_circular_base(tmp_path):
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_job(write(tmp_path, "bad.yaml", "a: [1, 2\n"))
