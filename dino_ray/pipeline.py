@@ -26,7 +26,7 @@ import yaml
 
 from dino_ray import storage, tracking
 from dino_ray.config.loader import config_hash
-from dino_ray.config.typed import ConfigError, flatten, to_dict
+from dino_ray.config.typed import ConfigError, flatten, result_dict, to_dict
 
 log = logging.getLogger("dino_ray.pipeline")
 
@@ -88,6 +88,23 @@ class StageFailed(RuntimeError):
     def __init__(self, stage: str, cause: BaseException):
         self.stage = stage
         super().__init__(f"stage {stage!r} failed: {type(cause).__name__}: {cause}")
+
+
+REPLACED = ".replaced"  # under output_root: outputs of earlier configs of a stage, moved aside, never deleted
+
+
+def _replaceable(spec: StageSpec, stage_dir: str) -> list[str]:
+    """The stage folder's children that a new config of the stage replaces (all but ``keep_on_change``)."""
+    return [u for u in storage.list_children(stage_dir) if u.rstrip("/").rsplit("/", 1)[-1] not in spec.keep_on_change]
+
+
+def _refuse_foreign(spec: StageSpec, stage_dir: str, record: Mapping[str, Any]) -> None:
+    """A non-empty stage folder without our run record was not written by dino-ray: never touch it."""
+    children = _replaceable(spec, stage_dir) if not record else []
+    if children:
+        names = ", ".join(sorted(u.rstrip("/").rsplit("/", 1)[-1] for u in children)[:5])
+        raise ConfigError(f"{stage_dir} holds files dino-ray did not write ({names}); move them away or "
+                          "choose another output_root: a stage only replaces its own outputs", "output_root")
 
 
 def read_record(stage_dir: str) -> dict[str, Any]:
@@ -169,13 +186,14 @@ class Pipeline:
 
     def key(self, name: str, tokens: Mapping[str, str]) -> str:
         section = getattr(self.job, name, None)
-        return config_hash({"stage": name, "config": to_dict(section), "seed": self.job.seed,
+        return config_hash({"stage": name, "config": result_dict(section), "seed": self.job.seed,
                             "upstream": dict(sorted(tokens.items()))})
 
     def check_inputs(self) -> None:
         """Fail before any cluster work when a stage reads a stage that neither ran nor will run."""
         planned = set(self.ordered())
         for name in self.ordered():
+            _refuse_foreign(self.registry[name], self.stage_dir(name), read_record(self.stage_dir(name)))
             for up in self.registry[name].needs(self.job):
                 if up not in planned and read_manifest(self.stage_dir(up)) is None:
                     raise ConfigError(
@@ -204,7 +222,7 @@ class Pipeline:
             key = self.key(name, tokens)
             existing = read_manifest(self.stage_dir(name))
             reason = run_reason(key, name in force, existing, read_record(self.stage_dir(name)),
-                                config_hash(to_dict(getattr(self.job, name, None))), tokens)
+                                config_hash(result_dict(getattr(self.job, name, None))), tokens)
             if reason is None:
                 self.events.stage_skipped(name, existing)
                 manifests[name] = existing
@@ -248,7 +266,7 @@ class Pipeline:
             "stage": name, "key": key, "token": uuid.uuid4().hex, "upstream_tokens": tokens,
             "inputs": upstream, "outputs": result.outputs, "summary": result.summary,
             "seconds": round(time.time() - start, 2), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "mlflow_run_id": run_id, "config_hash": config_hash(section),
+            "mlflow_run_id": run_id, "config_hash": config_hash(result_dict(getattr(self.job, name, None))),
         }
         tracking.log_metrics(tracker.uri, run_id, {f"summary/{k}": v for k, v in flatten(result.summary).items()
                                                    if isinstance(v, (int, float)) and not isinstance(v, bool)})
@@ -258,16 +276,27 @@ class Pipeline:
         self.events.stage_finished(name, manifest)
         return manifest
 
-    @staticmethod
-    def _reset_if_changed(spec: StageSpec, key: str, stage_dir: str, forced: bool = False) -> None:
+    def _reset_if_changed(self, spec: StageSpec, key: str, stage_dir: str, forced: bool = False) -> None:
         """Same key: a retry, keep everything (checkpoints to resume). New key, or ``--force``: start clean
-        (a forced training stage must not resume from the checkpoints of the run it is asked to redo);
-        what the stage declares reusable across configs (``keep_on_change``, e.g. a feature cache) stays."""
-        if read_record(stage_dir).get("key") == key and not forced:
+        (a forced training stage must not resume from the checkpoints of the run it is asked to redo).
+
+        Nothing is deleted: the previous outputs move to ``<output_root>/.replaced/<stage>-<old key>-<time>``
+        (and the log says where), except what the stage declares reusable across configs
+        (``keep_on_change``, e.g. a feature cache), which stays. A folder the pipeline did not write (no run
+        record) is not touched at all: the stage refuses to start in it."""
+        record = read_record(stage_dir)
+        if record.get("key") == key and not forced:
             return
-        for uri in storage.list_children(stage_dir):
-            if uri.rstrip("/").rsplit("/", 1)[-1] not in spec.keep_on_change:
-                storage.delete(uri)
+        children = _replaceable(spec, stage_dir)
+        if not children:
+            return
+        _refuse_foreign(spec, stage_dir, record)
+        aside = storage.join(self.job.output_root, REPLACED,
+                             f"{spec.name}-{record.get('key', 'unknown')}-{time.strftime('%Y%m%d-%H%M%S')}")
+        for uri in children:
+            storage.move(uri, storage.join(aside, uri.rstrip("/").rsplit("/", 1)[-1]))
+        log.warning("stage %s: %s; its previous outputs were moved to %s (delete them when no longer needed)",
+                    spec.name, "forced" if forced else "config changed", aside)
 
     def _ensure_ray_tagged(self, tracker: "_Tracker", run_id: str) -> Callable[[], None]:
         def ensure() -> None:

@@ -129,6 +129,20 @@ def delete(uri: str) -> None:
         fs.delete_file(path)
 
 
+def move(src: str, dst: str) -> None:
+    """Move a file or folder to ``dst`` on the same store (a rename locally; copy, then delete on S3,
+    which has no directory rename)."""
+    fs, src_path = filesystem(src)
+    _, dst_path = filesystem(dst)
+    parent = dst_path.rstrip("/").rsplit("/", 1)[0]
+    fs.create_dir(parent, recursive=True)
+    if is_remote(src) and fs.get_file_info(src_path).type == pafs.FileType.Directory:
+        pafs.copy_files(src_path, dst_path, source_filesystem=fs, destination_filesystem=fs)
+        fs.delete_dir(src_path)
+    else:
+        fs.move(src_path, dst_path)
+
+
 def list_files(uri: str, recursive: bool = True) -> list[str]:
     """All file URIs below ``uri``, sorted, with the scheme of ``uri`` kept."""
     fs, path = filesystem(uri)

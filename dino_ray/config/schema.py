@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 from dino_ray import storage
-from dino_ray.config.typed import ConfigError, bounded
+from dino_ray.config.typed import ConfigError, bounded, operational
 from dino_ray.curation.config import CurationConfig
 from dino_ray.data.decode import DecodeConfig
 from dino_ray.data.masking import MaskingConfig
@@ -83,13 +83,13 @@ class TrainConfig:
     batch_size_per_worker: int = bounded(12, ge=2)  # g14: 12 per GPU x 256 GPUs = 3072 (length: schedule.total_iters)
     zero_stage: int = bounded(3, ge=0, le=3)
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where the device multiplies bf16 natively (CUDA, AVX512-BF16/AMX CPUs)
-    log_every: int = bounded(10, ge=1)
-    checkpoint_every: int = bounded(1000, ge=1)
-    keep_checkpoints: int = bounded(2, ge=1)
-    max_failures: int = bounded(3, ge=0)  # worker-group restarts from the last checkpoint
+    log_every: int = bounded(10, ge=1, operational=True)
+    checkpoint_every: int = bounded(1000, ge=1, operational=True)
+    keep_checkpoints: int = bounded(2, ge=1, operational=True)
+    max_failures: int = bounded(3, ge=0, operational=True)  # worker-group restarts from the last checkpoint
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
-    data_cpus: float = bounded(0.25, gt=0.0)  # CPUs per preprocessing task (fractional: shares small clusters)
-    data_workers: int = bounded(2, ge=1)  # preprocessing actors per train worker
+    data_cpus: float = bounded(0.25, gt=0.0, operational=True)  # CPUs per preprocessing task (fractional: shares small clusters)
+    data_workers: int = bounded(2, ge=1, operational=True)  # preprocessing actors per train worker
     threads_per_worker: Optional[int] = bounded(None, ge=1)  # torch intra-op threads (None: leave as is)
     # What a collapse alarm does (dino_ray.train.alarms): warn = log + tag the MLflow run and go on;
     # stop = also end the stage with an error, after checkpointing the current step.
@@ -152,7 +152,7 @@ class PretrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    monitor: MonitorConfig = operational(MonitorConfig)
 
     def validate(self) -> None:
         check_patch_grid(self.model, self.data)
@@ -173,7 +173,7 @@ class HighResConfig:
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(
         total_iters=10_000, warmup_iters=1000, warmup_teacher_temp_iters=0, freeze_last_layer_iters=0))
     train: TrainConfig = field(default_factory=TrainConfig)
-    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    monitor: MonitorConfig = operational(MonitorConfig)
 
 
 @dataclass
@@ -193,7 +193,7 @@ class DistillConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    monitor: MonitorConfig = operational(MonitorConfig)
 
     def validate(self) -> None:
         if not self.students:
@@ -310,6 +310,10 @@ class JobConfig:
     sources: list[str] = field(default_factory=list, repr=False)  # files read, filled by the loader
 
     def validate(self) -> None:
+        root = self.output_root.strip()
+        if root.rstrip("/") in ("", "s3:", "~"):
+            raise ConfigError(f"{self.output_root!r} is not a folder of its own: every stage writes (and replaces "
+                              "its outputs) under it; give a dedicated folder such as outputs/run", "output_root")
         unknown = [s for s in self.stages if s not in STAGE_NAMES]
         if unknown:
             import difflib

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from dino_ray import storage
-from dino_ray.config.typed import ConfigError
+from dino_ray.config.typed import ConfigError, bounded
 from dino_ray.pipeline import Pipeline, StageFailed, StageResult, StageSpec
 
 
@@ -17,6 +17,7 @@ from dino_ray.pipeline import Pipeline, StageFailed, StageResult, StageSpec
 class Section:
     value: int = 1
     fail: bool = False
+    log_every: int = bounded(10, ge=1, operational=True)  # how a stage runs, not what it computes
 
 
 @dataclasses.dataclass
@@ -104,6 +105,33 @@ def test_force_reruns_stage_and_downstream(job):
     Pipeline(job, REGISTRY).run(force=["a"])
     assert CALLS == ["a", "b", "c"]
     assert not storage.exists(leftover)  # forced means from scratch, not resumed from the last run's end
+    assert _moved_aside(job, "a", "ray_train/step_000000012/state.pt") == [b"checkpoint"]  # ... yet not deleted
+
+
+def _moved_aside(job, stage: str, relative: str) -> list[bytes]:
+    """The contents of ``relative`` in every earlier output folder of ``stage`` kept under .replaced/."""
+    root = os.path.join(job.output_root, ".replaced")
+    folders = sorted(d for d in os.listdir(root) if d.startswith(f"{stage}-")) if os.path.isdir(root) else []
+    return [storage.read_bytes(os.path.join(root, d, relative)) for d in folders
+            if storage.exists(os.path.join(root, d, relative))]
+
+
+def test_operational_settings_do_not_rerun_or_replace_a_stage(job):
+    Pipeline(job, REGISTRY).run()
+    CALLS.clear()
+    job.a.log_every = 50  # e.g. log_every, checkpoint_every, the monitor: nothing the stage computes changes
+    Pipeline(job, REGISTRY).run()
+    assert CALLS == []
+    assert not os.path.exists(os.path.join(job.output_root, ".replaced"))
+
+
+def test_a_folder_the_pipeline_did_not_write_is_left_alone(job):
+    thesis = os.path.join(job.output_root, "b", "thesis.tex")
+    storage.write_bytes(thesis, b"\\documentclass{article}")
+    with pytest.raises(ConfigError, match=r"holds files dino-ray did not write \(thesis.tex\)"):
+        Pipeline(job, REGISTRY).run()
+    assert CALLS == []  # refused before any stage ran
+    assert storage.read_bytes(thesis) == b"\\documentclass{article}"
 
 
 def test_failure_stops_chain_keeps_outputs_and_resumes(job):
@@ -164,6 +192,7 @@ def test_changed_stage_starts_clean_but_a_retry_keeps_its_files(job):
     job.b.value = 5  # new key: stale state must not be resumed
     Pipeline(job, REGISTRY).run()
     assert not storage.exists(leftover)
+    assert _moved_aside(job, "b", "checkpoint_from_old_config") == [b"stale"]  # moved aside, not deleted
     job.c.fail = True
     with pytest.raises(StageFailed):
         Pipeline(job, REGISTRY).run()
@@ -205,3 +234,15 @@ def test_console_says_why_each_stage_runs(job):
     storage.delete(os.path.join(job.output_root, "b"))
     assert run()[1:] == [("b", "running: new"), ("b", "done"), ("c", "running: input changed (b re-ran)"),
                          ("c", "done")]
+
+
+def test_replaced_outputs_move_aside_on_s3_too(job, s3_bucket):
+    job.output_root = f"{s3_bucket}/run"
+    Pipeline(job, REGISTRY).run()
+    ckpt = f"{job.output_root}/a/ray_train/step_000000004/state.pt"
+    storage.write_bytes(ckpt, b"weights")
+    job.a.value = 2
+    Pipeline(job, REGISTRY).run()
+    assert not storage.exists(ckpt)
+    kept = [u for u in storage.list_files(f"{job.output_root}/.replaced") if u.endswith("step_000000004/state.pt")]
+    assert len(kept) == 1 and storage.read_bytes(kept[0]) == b"weights"
