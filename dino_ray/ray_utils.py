@@ -13,8 +13,13 @@ PROPAGATED_ENV = (
     "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_URI",
     "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "OMP_NUM_THREADS", "DINO_RAY_TEST_FAULT",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "DINO_RAY_TEST_FAULT",
 )
+# OpenMP threads that finish a parallel region spin for a while before sleeping (the ACTIVE default).
+# A trainer's torch threads share their cores with Ray Data's crop and decode actors, which then wait
+# for the spinning threads: on 2 cores, PASSIVE measured +18 % training images/s (40.3 -> 47.8 on the
+# CPU preset) and 6 s less start-up. A value set by the user wins.
+DEFAULT_OMP_WAIT_POLICY = "PASSIVE"
 
 
 # What keeps a worker's log (in Ray's session folder) readable: no progress bars redrawn into it, no
@@ -26,6 +31,7 @@ QUIET_WORKER_ENV = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "PYTHONWARNINGS": "ig
 def worker_env(verbose: bool = True) -> dict[str, str]:
     env = {k: os.environ[k] for k in PROPAGATED_ENV if k in os.environ}
     env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    env.setdefault("OMP_WAIT_POLICY", DEFAULT_OMP_WAIT_POLICY)
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not verbose:
         env.update({k: v for k, v in QUIET_WORKER_ENV.items() if k not in env})

@@ -82,8 +82,10 @@ def ray_session(s3_endpoint):
     if not ray.is_initialized():
         keys = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "OMP_NUM_THREADS", "AWS_ENDPOINT_URL",
                 "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION")
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {k: os.environ[k] for k in keys if k in os.environ}})
+        from dino_ray.ray_utils import DEFAULT_OMP_WAIT_POLICY
+
+        env = {"OMP_WAIT_POLICY": DEFAULT_OMP_WAIT_POLICY, **{k: os.environ[k] for k in keys if k in os.environ}}
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
     yield ray
     ray.shutdown()
 
