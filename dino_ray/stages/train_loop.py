@@ -488,7 +488,10 @@ def checkpoint_step(path: str) -> int:
 
 def _restore(ckpt_dir: str, members: list[_Member], objectives: list, rank: int) -> int:
     step = 0
+    from dino_ray.train.checkpoint_io import use_weights_only_loads
+
     for m, objective in zip(members, objectives):
+        use_weights_only_loads(m.engine)  # a bucket's checkpoint must not run code on the workers
         _, client = m.engine.load_checkpoint(os.path.join(ckpt_dir, m.name, "ds"), tag="state")
         step = int(client["step"])
         objective.load_state_dict(client["objective"])
