@@ -3,7 +3,8 @@
 Pretrains on the CIFAR-10 train images (all 50,000; 10,000 with ``--quick``) with a preset
 (``jobs/presets/cpu.yaml`` by default) for about ``--minutes`` of training, then runs the eval stage on
 the test images (10,000; 2,000 with ``--quick``) at 32 px. The number of steps that fits the budget is
-calibrated first: a few real steps of the same model on random crops, in this process. Warm-ups scale
+calibrated first: a 40-step run of the real pretrain stage on the same data, whose steady images/s
+sets the steps (start-up is not counted against the budget, for either tool). Warm-ups scale
 with the steps, so a shorter budget is the same recipe, compressed.
 
 Baselines, all measured in the same run on the same split and evaluator:
@@ -58,37 +59,21 @@ def extract_cifar(archive: Path, dest: Path, train_per_class: int, test_per_clas
     return dest
 
 
-def calibrate_step_s(job, steps: int = 6) -> float:
-    """Seconds per training step of the preset's model and crops, timed on random crops in this process."""
-    import torch
+def calibrate_step_s(preset: str, train: str, work: Path, steps: int = 40) -> float:
+    """Seconds per training step of the real pretrain stage (Ray Data crops, DeepSpeed, the preset's
+    resources), from its steady images/s over a short run: timing the model alone in this process
+    overestimated the stage's speed by 1.6x, so its budget overran the peer's by as much."""
+    from dino_ray.config.loader import load_job
+    from dino_ray.pipeline import Pipeline
 
-    from dino_ray.models import build_backbone
-    from dino_ray.train.ssl_arch import SSLModel, SSLObjective
-
-    cfg = job.pretrain
-    crops = cfg.data.crops
-    torch.set_num_threads(2)
-    model = SSLModel.build(build_backbone(cfg.model.arch, **cfg.model.backbone_kwargs()), cfg.loss)
-    objective = SSLObjective(cfg.loss)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    b = cfg.train.batch_size_per_worker
-    g = torch.randn(crops.global_crops_number * b, 3, crops.global_crops_size, crops.global_crops_size)
-    loc = torch.randn(crops.local_crops_number * b, 3, crops.local_crops_size, crops.local_crops_size)
-    grid = crops.global_crops_size // crops.patch_size
-    masks = torch.rand(g.shape[0], grid * grid) < 0.3
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        with torch.no_grad():
-            t_out = model(g, None, masks, apply_masks=False)
-        targets = objective.teacher_targets(t_out, 0.07, crops.global_crops_number)
-        s_out = model(g, loc if crops.local_crops_number else None, masks)
-        loss, _ = objective(s_out, targets, masks, crops.global_crops_number, crops.local_crops_number)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        times.append(time.perf_counter() - t)
-    return sorted(times[1:])[len(times[1:]) // 2]
+    base = load_job(preset, [f"pretrain.data.source={train}"])
+    root = work / f"calibrate-{int(time.time())}"
+    job = load_job(preset, [
+        f"output_root={root}", f"tracking.tracking_uri=sqlite:///{root}/mlflow.db", "stages=[pretrain]",
+        f"pretrain.data.source={train}", f"pretrain.schedule={scaled_schedule(base.pretrain.schedule, steps)}",
+        f"pretrain.train.checkpoint_every={steps}", "pretrain.monitor.every=0"])
+    summary = Pipeline(job, ensure_ray=lambda: None).run()["pretrain"]["summary"]
+    return job.pretrain.train.batch_size_per_worker / float(summary["train_images_per_s"])
 
 
 def scaled_schedule(schedule, steps: int) -> str:
@@ -244,7 +229,8 @@ def main() -> None:
     train = f"{{uri: {data / 'train'}, labels_from_folders: true}}"
     test = f"{{uri: {data / 'test'}, labels_from_folders: true}}"
     base = load_job(args.preset, [f"pretrain.data.source={train}"])
-    step_s = calibrate_step_s(base)
+    init_ray(base.ray.address, base.ray.num_cpus)
+    step_s = calibrate_step_s(args.preset, train, work)
     steps = max(20, int(minutes * 60 / step_s))
     peer_dir = run_peer(args.peer_python, data / "train", base, minutes, work / "peer") if args.peer else None
     run_root = work / f"run-{int(time.time())}"
@@ -262,7 +248,6 @@ def main() -> None:
         f"test: {{uri: {data / 'test'}, labels_from_folders: true, max_images: 500}}}}",
     ]
     job = load_job(args.preset, overrides)
-    init_ray(job.ray.address, job.ray.num_cpus)
     start = time.time()
     manifests = Pipeline(job, ensure_ray=lambda: None).run()
     wall = time.time() - start
