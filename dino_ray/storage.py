@@ -143,12 +143,61 @@ def move(src: str, dst: str) -> None:
         fs.move(src_path, dst_path)
 
 
-def list_files(uri: str, recursive: bool = True) -> list[str]:
-    """All file URIs below ``uri``, sorted, with the scheme of ``uri`` kept."""
+def list_files(uri: str, recursive: bool = True, unlisted: list[tuple[str, str]] | None = None) -> list[str]:
+    """All file URIs below ``uri``, sorted, with the scheme of ``uri`` kept.
+
+    A local tree is walked with :func:`walk_local`: what cannot be listed (a name that is not UTF-8, a broken
+    symlink, a symlink loop) is appended to ``unlisted`` as ``(name, reason)`` instead of failing the listing.
+    """
+    if not is_remote(uri) and recursive:
+        return walk_local(filesystem(uri)[1], unlisted if unlisted is not None else [])
     fs, path = filesystem(uri)
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive, allow_not_found=True))
     prefix = "s3://" if uri.startswith("s3://") else ""
     return sorted(prefix + i.path for i in infos if i.type == pafs.FileType.File)
+
+
+def walk_local(root: str, unlisted: list[tuple[str, str]]) -> list[str]:
+    """Files below a local folder, sorted, following symlinks once each.
+
+    Names are read as bytes: a single non-UTF-8 name made a str listing raise ``UnicodeDecodeError`` for
+    the whole tree; it is reported as ``non_utf8_name`` instead. Directories are visited once by inode, so
+    a symlink cycle (``up -> ..``) cannot list the tree again and again (``symlink_loop``); a symlink whose
+    target is gone is ``broken_symlink``.
+    """
+    files: list[str] = []
+    seen: set[tuple[int, int]] = set()
+    stack = [os.fsencode(root)]
+    while stack:
+        folder = stack.pop()
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in seen:
+            unlisted.append((os.fsdecode(folder), "symlink_loop"))
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        try:
+            entries = list(os.scandir(folder))
+        except OSError as e:
+            unlisted.append((os.fsdecode(folder), f"unreadable_folder: {e.strerror}"))
+            continue
+        for entry in entries:
+            try:
+                name = entry.path.decode("utf-8")
+            except UnicodeDecodeError:
+                unlisted.append((entry.path.decode("utf-8", "backslashreplace"), "non_utf8_name"))
+                continue
+            try:
+                if entry.is_dir():  # follows symlinks
+                    stack.append(entry.path)
+                elif entry.is_file():
+                    files.append(name)
+                elif entry.is_symlink():
+                    unlisted.append((name, "broken_symlink"))
+                else:
+                    unlisted.append((name, "not_a_file"))  # socket, fifo, device
+            except OSError as e:  # ELOOP from a self-referencing symlink, EACCES
+                unlisted.append((name, f"unreadable: {e.strerror}"))
+    return sorted(files)
 
 
 def list_children(uri: str) -> list[str]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import posixpath
 import tarfile
 from dataclasses import dataclass
@@ -102,6 +103,8 @@ class ImageRef:
     label: int = -1
 
 
+log = logging.getLogger(__name__)
+
 # ----------------------------------------------------------------------------------------------
 # Format inference and listings
 
@@ -113,6 +116,8 @@ class Listing:
     format: str
     files: tuple[str, ...]  # file URIs, sorted (a single-file source lists itself)
     root: str  # ids of folder / tar sources are relative to this
+    # what could not be listed, as (name, reason): reported in the stage summary, never silently dropped
+    unlisted: tuple[tuple[str, str], ...] = ()
 
 
 def has_extension(name: str, extensions: Iterable[str]) -> bool:
@@ -138,11 +143,16 @@ def scan(cfg: SourceConfig) -> Listing:
     """Validate ``cfg``, list its files and resolve "auto" (by names and, for parquet, the schema)."""
     cfg.validate(check_exists=True)
     fs, path = storage.filesystem(cfg.uri)
+    unlisted: list[tuple[str, str]] = []
     if fs.get_file_info(path).type == pafs.FileType.File:
         files, root = [cfg.uri], posixpath.dirname(path_of(cfg.uri))
     else:
-        files, root = storage.list_files(cfg.uri), path_of(cfg.uri)
-    return Listing(_infer_format(cfg, files), tuple(files), root)
+        files, root = storage.list_files(cfg.uri, unlisted=unlisted), path_of(cfg.uri)
+    if unlisted:
+        reasons = sorted({r.split(":")[0] for _, r in unlisted})
+        log.warning("%s: %d entries could not be listed (%s), e.g. %s", cfg.uri, len(unlisted), ", ".join(reasons),
+                    unlisted[0][0])
+    return Listing(_infer_format(cfg, files), tuple(files), root, tuple(unlisted))
 
 
 def _infer_format(cfg: SourceConfig, files: list[str]) -> str:
@@ -344,11 +354,17 @@ def list_tar_members(listing: Listing, cfg: SourceConfig) -> list[ImageRef]:
     refs = []
     for archive_uri in archives:
         fs, path = storage.filesystem(archive_uri)
-        with fs.open_input_file(path) as f, tarfile.open(fileobj=f, mode="r:*") as archive:
-            for member in archive:
-                if member.isfile() and has_extension(member.name, cfg.extensions):
-                    refs.append(ImageRef(tar_member_id(archive_uri, member.name, archives, listing.root),
-                                         f"{archive_uri}#{member.name}"))
+        found = len(refs)
+        try:
+            with fs.open_input_file(path) as f, tarfile.open(fileobj=f, mode="r:*") as archive:
+                for member in archive:
+                    if member.isfile() and has_extension(member.name, cfg.extensions):
+                        refs.append(ImageRef(tar_member_id(archive_uri, member.name, archives, listing.root),
+                                             f"{archive_uri}#{member.name}"))
+        except (tarfile.TarError, EOFError, OSError, ValueError) as e:  # a truncated or corrupt shard
+            # keep the members read before the damage: one bad shard must not hide all the others
+            log.warning("%s: tar listing stopped after %d images: %s: %s", archive_uri, len(refs) - found,
+                        type(e).__name__, e)
     return refs
 
 

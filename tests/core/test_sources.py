@@ -178,3 +178,33 @@ def test_stable_index_is_a_deterministic_63_bit_hash():
     values = [stable_index(f"img/{i}.jpg") for i in range(1000)]
     assert values == [stable_index(f"img/{i}.jpg") for i in range(1000)]
     assert min(values) >= 0 and max(values) < 2**63 and len(set(values)) == 1000
+
+
+def test_listing_survives_bad_names_links_and_loops(tree):
+    """One odd entry must not fail (or multiply) the listing; each is reported with its reason."""
+    import os
+
+    from dino_ray.data.sources import scan
+
+    os.symlink("..", tree / "apple" / "up")  # a cycle: apple/up/apple/up/...
+    os.symlink(tree / "gone.jpg", tree / "mango" / "dangling.jpg")
+    with open(os.path.join(os.fsencode(tree / "zebra"), b"caf\xe9.jpg"), "wb") as f:  # Latin-1, not UTF-8
+        f.write(b"x")
+    (tree / "folder.jpg").mkdir()  # a folder with an image's name is walked, not read as an image
+    before = [r.id for r in list_images(SourceConfig(str(tree)))]
+    listing = scan(SourceConfig(str(tree)))
+    reasons = sorted(reason for _, reason in listing.unlisted)
+    assert reasons == ["broken_symlink", "non_utf8_name", "symlink_loop"]
+    assert before == ["apple/c.jpeg", "apple/d.JPEG", "apple/sub/e.jpg", "mango/f.jpg", "top.png", "zebra/a.jpg",
+                      "zebra/b.JPG"]
+
+
+def test_a_truncated_tar_shard_keeps_the_members_before_the_damage(tmp_path, jpegs):
+    good, bad = tmp_path / "shards" / "a.tar", tmp_path / "shards" / "b.tar"
+    good.parent.mkdir()
+    _tar(good, {"1.jpg": jpegs[0]})
+    _tar(bad, {"2.jpg": jpegs[1], "3.jpg": jpegs[2]})
+    data = bad.read_bytes()
+    bad.write_bytes(data[:512 + len(jpegs[1]) + 1024 + 100])  # cut inside the second member
+    ids = [r.id for r in list_images(SourceConfig(str(good.parent)))]  # used to raise tarfile.ReadError
+    assert ids[:2] == ["a.tar/1.jpg", "b.tar/2.jpg"]  # the intact shard and the members before the cut
