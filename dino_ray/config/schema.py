@@ -382,6 +382,8 @@ class JobConfig:
             elif self.curate.embed.bootstrap_iterations == 0:
                 raise ConfigError("is empty: give an exported backbone dir, or set curate.embed.bootstrap_iterations "
                                   "> 0 to train an embedder on the pool first", "curate.embed.checkpoint", source)
+        if "distill" in self.stages and self.distill.teacher not in STAGE_NAMES:
+            checks.append(("distill.teacher", self.distill.teacher))  # an exported SSL checkpoint folder
         for stage in ("pretrain", "distill"):
             if stage in self.stages and getattr(self, stage).data.source.uri:
                 checks.append((f"{stage}.data.source.uri", getattr(self, stage).data.source.uri))

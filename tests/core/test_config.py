@@ -91,6 +91,7 @@ def test_bad_values_name_file_key_and_expectation(demo_inputs, override, message
     ("distill.students=[{name: ../../x, model: {arch: vit_small, patch_size: 4, img_size: 32}}]",
      r"distill\.students: name '\.\./\.\./x' must be one folder name"),
     ("eval.datasets=[{name: a/b}]", r"eval\.datasets: name 'a/b' must be one folder name"),
+    ("distill.teacher=/nowhere/teacher", r"distill\.teacher: input path does not exist: /nowhere/teacher"),
 ])
 def test_cross_stage_mistakes_fail_at_validation(demo_inputs, override, message):
     with pytest.raises(ConfigError, match=message):
