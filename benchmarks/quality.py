@@ -70,22 +70,25 @@ def calibrate_step_s(preset: str, train: str, work: Path, steps: int = 40) -> fl
     root = work / f"calibrate-{int(time.time())}"
     job = load_job(preset, [
         f"output_root={root}", f"tracking.tracking_uri=sqlite:///{root}/mlflow.db", "stages=[pretrain]",
-        f"pretrain.data.source={train}", f"pretrain.schedule={scaled_schedule(base.pretrain.schedule, steps)}",
+        f"pretrain.data.source={train}", *scaled_schedule(base.pretrain.schedule, steps),
         f"pretrain.train.checkpoint_every={steps}", "pretrain.monitor.every=0"])
     summary = Pipeline(job, ensure_ray=lambda: None).run()["pretrain"]["summary"]
     return job.pretrain.train.batch_size_per_worker / float(summary["train_images_per_s"])
 
 
-def scaled_schedule(schedule, steps: int) -> str:
-    """The preset's schedule with its warm-ups scaled from the preset's length to ``steps``."""
+def scaled_schedule(schedule, steps: int) -> list[str]:
+    """Overrides that shorten the preset's schedule to ``steps``, its warm-ups scaled alike. One key each:
+    a ``pretrain.schedule={...}`` mapping would replace the whole section, and every key it does not name
+    (learning rate, teacher temperature, EMA momentum) would fall back to the ViT-g/14 defaults."""
     f = steps / schedule.total_iters
 
     def scale(n: int) -> int:
         return max(0, min(steps - 1, round(n * f)))
 
-    return (f"{{total_iters: {steps}, warmup_iters: {max(1, scale(schedule.warmup_iters))}, "
-            f"warmup_teacher_temp_iters: {scale(schedule.warmup_teacher_temp_iters)}, "
-            f"freeze_last_layer_iters: {scale(schedule.freeze_last_layer_iters)}}}")
+    return [f"pretrain.schedule.total_iters={steps}",
+            f"pretrain.schedule.warmup_iters={max(1, scale(schedule.warmup_iters))}",
+            f"pretrain.schedule.warmup_teacher_temp_iters={scale(schedule.warmup_teacher_temp_iters)}",
+            f"pretrain.schedule.freeze_last_layer_iters={scale(schedule.freeze_last_layer_iters)}"]
 
 
 def peer_available(python: str, who: str) -> bool:
@@ -226,6 +229,10 @@ def main() -> None:
     from dino_ray.ray_utils import init_ray
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    # our Ray workers run OpenMP passive (ray_utils); the peer gets the same, so neither spins on shared cores
+    from dino_ray.ray_utils import DEFAULT_OMP_WAIT_POLICY
+
+    os.environ.setdefault("OMP_WAIT_POLICY", DEFAULT_OMP_WAIT_POLICY)
     train = f"{{uri: {data / 'train'}, labels_from_folders: true}}"
     test = f"{{uri: {data / 'test'}, labels_from_folders: true}}"
     base = load_job(args.preset, [f"pretrain.data.source={train}"])
@@ -237,7 +244,7 @@ def main() -> None:
     backbones = ["pretrain"] + ([str(peer_dir)] if peer_dir else [])
     overrides = [
         f"output_root={run_root}", f"tracking.tracking_uri=sqlite:///{run_root}/mlflow.db", "stages=[pretrain, eval]",
-        f"pretrain.data.source={train}", f"pretrain.schedule={scaled_schedule(base.pretrain.schedule, steps)}",
+        f"pretrain.data.source={train}", *scaled_schedule(base.pretrain.schedule, steps),
         # metrics reach MLflow when the checkpoint covering them commits: four checkpoints keep the curves live
         f"pretrain.train.checkpoint_every={max(1, steps // 4)}", f"pretrain.train.log_every={max(1, steps // 20)}",
         f"eval.backbones=[{', '.join(backbones)}]", "eval.baselines=[random, pixels]", "eval.knn.ks=[20]",
@@ -282,6 +289,7 @@ def main() -> None:
             "train_images": int(ours.get("train_images", 0)), "test_images": int(ours.get("test_images", 0)),
             "preset": os.path.relpath(args.preset, REPO), "output_root": str(run_root),
             "python": platform.python_version(), "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         },
     }
     if args.peer:
