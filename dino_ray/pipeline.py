@@ -26,7 +26,7 @@ import yaml
 
 from dino_ray import storage, tracking
 from dino_ray.config.loader import config_hash
-from dino_ray.config.typed import ConfigError, flatten, result_dict, to_dict
+from dino_ray.config.typed import ConfigError, flatten, to_dict
 
 log = logging.getLogger("dino_ray.pipeline")
 
@@ -93,16 +93,19 @@ class StageFailed(RuntimeError):
 REPLACED = ".replaced"  # under output_root: outputs of earlier configs of a stage, moved aside, never deleted
 
 
+def _name(uri: str) -> str:
+    return uri.rstrip("/").rsplit("/", 1)[-1]
+
+
 def _replaceable(spec: StageSpec, stage_dir: str) -> list[str]:
     """The stage folder's children that a new config of the stage replaces (all but ``keep_on_change``)."""
-    return [u for u in storage.list_children(stage_dir) if u.rstrip("/").rsplit("/", 1)[-1] not in spec.keep_on_change]
+    return [u for u in storage.list_children(stage_dir) if _name(u) not in spec.keep_on_change]
 
 
-def _refuse_foreign(spec: StageSpec, stage_dir: str, record: Mapping[str, Any]) -> None:
+def _refuse_foreign(stage_dir: str, children: list[str], record: Mapping[str, Any]) -> None:
     """A non-empty stage folder without our run record was not written by dino-ray: never touch it."""
-    children = _replaceable(spec, stage_dir) if not record else []
-    if children:
-        names = ", ".join(sorted(u.rstrip("/").rsplit("/", 1)[-1] for u in children)[:5])
+    if children and not record:
+        names = ", ".join(sorted(_name(u) for u in children)[:5])
         raise ConfigError(f"{stage_dir} holds files dino-ray did not write ({names}); move them away or "
                           "choose another output_root: a stage only replaces its own outputs", "output_root")
 
@@ -186,14 +189,20 @@ class Pipeline:
 
     def key(self, name: str, tokens: Mapping[str, str]) -> str:
         section = getattr(self.job, name, None)
-        return config_hash({"stage": name, "config": result_dict(section), "seed": self.job.seed,
+        return config_hash({"stage": name, "config": to_dict(section, results_only=True), "seed": self.job.seed,
                             "upstream": dict(sorted(tokens.items()))})
+
+    def section_hash(self, name: str) -> str:
+        """The hash of what in the stage's own section decides its results (operational fields left out)."""
+        return config_hash(to_dict(getattr(self.job, name, None), results_only=True))
 
     def check_inputs(self) -> None:
         """Fail before any cluster work when a stage reads a stage that neither ran nor will run."""
         planned = set(self.ordered())
         for name in self.ordered():
-            _refuse_foreign(self.registry[name], self.stage_dir(name), read_record(self.stage_dir(name)))
+            stage_dir = self.stage_dir(name)
+            if not read_record(stage_dir):
+                _refuse_foreign(stage_dir, _replaceable(self.registry[name], stage_dir), {})
             for up in self.registry[name].needs(self.job):
                 if up not in planned and read_manifest(self.stage_dir(up)) is None:
                     raise ConfigError(
@@ -222,7 +231,7 @@ class Pipeline:
             key = self.key(name, tokens)
             existing = read_manifest(self.stage_dir(name))
             reason = run_reason(key, name in force, existing, read_record(self.stage_dir(name)),
-                                config_hash(result_dict(getattr(self.job, name, None))), tokens)
+                                self.section_hash(name), tokens)
             if reason is None:
                 self.events.stage_skipped(name, existing)
                 manifests[name] = existing
@@ -266,7 +275,7 @@ class Pipeline:
             "stage": name, "key": key, "token": uuid.uuid4().hex, "upstream_tokens": tokens,
             "inputs": upstream, "outputs": result.outputs, "summary": result.summary,
             "seconds": round(time.time() - start, 2), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "mlflow_run_id": run_id, "config_hash": config_hash(result_dict(getattr(self.job, name, None))),
+            "mlflow_run_id": run_id, "config_hash": self.section_hash(name),
         }
         tracking.log_metrics(tracker.uri, run_id, {f"summary/{k}": v for k, v in flatten(result.summary).items()
                                                    if isinstance(v, (int, float)) and not isinstance(v, bool)})
@@ -290,11 +299,11 @@ class Pipeline:
         children = _replaceable(spec, stage_dir)
         if not children:
             return
-        _refuse_foreign(spec, stage_dir, record)
+        _refuse_foreign(stage_dir, children, record)
         aside = storage.join(self.job.output_root, REPLACED,
                              f"{spec.name}-{record.get('key', 'unknown')}-{time.strftime('%Y%m%d-%H%M%S')}")
         for uri in children:
-            storage.move(uri, storage.join(aside, uri.rstrip("/").rsplit("/", 1)[-1]))
+            storage.move(uri, storage.join(aside, _name(uri)))
         log.warning("stage %s: %s; its previous outputs were moved to %s (delete them when no longer needed)",
                     spec.name, "forced" if forced else "config changed", aside)
 

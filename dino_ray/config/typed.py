@@ -30,7 +30,7 @@ class ConfigError(ValueError):
 def bounded(default: Any = dataclasses.MISSING, *, ge=None, gt=None, le=None, lt=None,
             choices=None, default_factory: Any = dataclasses.MISSING, operational: bool = False) -> Any:
     """A dataclass field with bounds that :func:`build` enforces. ``operational``: how a stage runs, not what
-    it computes (logging, checkpoint cadence, retries): left out of the stage's key, see :func:`result_dict`."""
+    it computes (logging, checkpoint cadence, retries): left out of the stage's key, see :func:`to_dict`."""
     meta = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt, choices=choices).items() if v is not None}
     if operational:
         meta["operational"] = True
@@ -182,33 +182,23 @@ def build(cls: type, data: dict[str, Any] | None, prefix: str = "", source: str 
     return obj
 
 
-def to_dict(obj: Any) -> Any:
-    """Plain, YAML-friendly mapping of a dataclass tree (tuples become lists)."""
+def to_dict(obj: Any, results_only: bool = False) -> Any:
+    """Plain, YAML-friendly mapping of a dataclass tree (tuples become lists). ``results_only`` leaves out
+    the operational fields (see :func:`bounded`): what decides a stage's results, so changing ``log_every``
+    or the monitor neither re-runs a finished stage nor throws its checkpoints away."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: to_dict(getattr(obj, f.name), results_only) for f in dataclasses.fields(obj)
+                if not (results_only and f.metadata.get("operational"))}
     if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
+        return [to_dict(v, results_only) for v in obj]
     if isinstance(obj, dict):
-        return {k: to_dict(v) for k, v in obj.items()}
+        return {k: to_dict(v, results_only) for k, v in obj.items()}
     return obj
 
 
 def operational(default_factory: Any) -> Any:
     """A dataclass sub-section that only observes or steers a run (e.g. the training monitor)."""
     return dataclasses.field(default_factory=default_factory, metadata={"operational": True})
-
-
-def result_dict(obj: Any) -> Any:
-    """:func:`to_dict` without the operational fields: what decides a stage's results, so changing
-    ``log_every`` or the monitor neither re-runs a finished stage nor throws its checkpoints away."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: result_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)
-                if not f.metadata.get("operational")}
-    if isinstance(obj, (list, tuple)):
-        return [result_dict(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: result_dict(v) for k, v in obj.items()}
-    return obj
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -116,7 +116,7 @@ class Listing:
     format: str
     files: tuple[str, ...]  # file URIs, sorted (a single-file source lists itself)
     root: str  # ids of folder / tar sources are relative to this
-    # what could not be listed, as (name, reason): reported in the stage summary, never silently dropped
+    # what could not be listed, as (name, reason): logged by scan() as a warning, never silently dropped
     unlisted: tuple[tuple[str, str], ...] = ()
 
 
