@@ -6,13 +6,18 @@ naming a job YAML that is not in the image fails only after the cluster has come
 secret ends up in git. No Kubernetes cluster exists on the dev machines, so all of it is checked here:
 
 * every ``ray.io/v1`` document against the KubeRay v1.7.0 CRD ``openAPIV3Schema`` of its kind, in
-  kubeconform's strict sense (``schema``); the core kinds we ship (Deployment, Service, PVC, Secret,
+  kubeconform's strict sense (``schema``); the core kinds we ship (Deployment, Job, Service, PVC, Secret,
   ConfigMap) against the pod/service/PVC schemas embedded in the same CRDs (``core_kinds``);
 * our own rules (``rules/``): entrypoints name a job YAML that exists, one image and one Ray version
-  across the manifests, the Dockerfile and pyproject, GPU groups request and tolerate GPUs, no secret
-  values inline, nothing exposes the dashboard, resumable RayJobs (fixed names and output root), and
-  the operator-side rules the CRD leaves to CEL or to the controller (``submissionMode``,
-  ``managedBy``, deletion strategy, autoscaler v2 restart policy, token auth Ray version, name lengths).
+  across the manifests, the Dockerfile and pyproject, an image tag that names the commit, GPU groups
+  request and tolerate GPUs, no secret values inline, nothing exposes the dashboard, resumable RayJobs
+  (fixed names and output root), ``kubectl apply -f cluster/`` neither overwrites a Secret nor starts a
+  job (``apply_safety``), and the operator-side rules the CRD leaves to CEL or to the controller
+  (``submissionMode``, ``managedBy``, deletion strategy, autoscaler v2 restart policy, token auth Ray
+  version, name lengths).
+
+The checked directory is read with its sub-folders (``cluster/jobs/``) and its Secret templates
+(``*.yaml.template``).
 
 Not checked (needs a live cluster): admission webhooks, node capacity, image pull, RBAC, quota.
 

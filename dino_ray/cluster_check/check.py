@@ -10,6 +10,7 @@ from .layout import Layout
 from .manifests import Manifest, load_manifests
 from .pyproject import pyproject_facts
 from .report import Problem, Report
+from .rules.apply_safety import apply_safety_problems
 from .rules.dockerfile import dockerfile_problems
 from .rules.entrypoints import entrypoint_problems, shared_output_root_problems
 from .rules.exposure import exposure_problems
@@ -25,7 +26,7 @@ from .schema import validate_schema
 def _per_manifest_problems(m: Manifest, layout: Layout, workdir: str | None) -> list[Problem]:
     problems = [m.problem(where, message) for where, message in validate_schema(m.doc, layout.crd_dir)]
     problems += name_problems(m) + secret_problems(m) + exposure_problems(m) + gpu_problems(m)
-    problems += cluster_spec_problems(m)
+    problems += cluster_spec_problems(m) + apply_safety_problems(m)
     if m.kind == "RayJob":
         problems += rayjob_problems(m) + entrypoint_problems(m, layout, workdir)
     return problems

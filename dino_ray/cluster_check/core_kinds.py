@@ -1,8 +1,8 @@
 """Schemas of the core Kubernetes kinds we ship, with no Kubernetes OpenAPI document at hand.
 
 The RayCluster CRD embeds the full pod template, the head Service and (inside ephemeral volumes)
-a PVC spec, all copied from Kubernetes itself; a Deployment, Service, PVC, Secret and ConfigMap are
-assembled from those pieces plus the few top-level fields each kind adds.
+a PVC spec, all copied from Kubernetes itself; a Deployment, Job, Service, PVC, Secret and ConfigMap
+are assembled from those pieces plus the few top-level fields each kind adds.
 """
 
 from __future__ import annotations
@@ -40,6 +40,15 @@ def _deployment_spec(template: dict, selector: dict) -> dict:
                revisionHistoryLimit=INT, minReadySeconds=INT, progressDeadlineSeconds=INT, paused=BOOL)
 
 
+def _job_spec(template: dict, selector: dict) -> dict:
+    """batch/v1 JobSpec without ``podFailurePolicy`` and ``successPolicy``, which we do not use."""
+    return obj(("template",), template=template, selector=selector, manualSelector=BOOL, parallelism=INT,
+               completions=INT, completionMode={"enum": ["NonIndexed", "Indexed"]}, backoffLimit=INT,
+               backoffLimitPerIndex=INT, maxFailedIndexes=INT, activeDeadlineSeconds=INT,
+               ttlSecondsAfterFinished=INT, suspend=BOOL,
+               podReplacementPolicy={"enum": ["TerminatingOrFailed", "Failed"]})
+
+
 def core_schemas(raycluster: dict) -> dict[str, dict]:
     """Schemas by kind, cut out of the (already loaded) RayCluster CRD schema ``raycluster``."""
     head = raycluster["properties"]["spec"]["properties"]["headGroupSpec"]
@@ -54,6 +63,8 @@ def core_schemas(raycluster: dict) -> dict[str, dict]:
     deployment_spec = _deployment_spec(template, pvc_spec["properties"]["selector"])
     return {
         "Deployment": _top_level(["apps/v1"], "Deployment", {"spec": deployment_spec}, ("spec",)),
+        "Job": _top_level(["batch/v1"], "Job", {"spec": _job_spec(template, pvc_spec["properties"]["selector"])},
+                          ("spec",)),
         "Service": service,
         "PersistentVolumeClaim": _top_level(["v1"], "PersistentVolumeClaim", {"spec": pvc_spec}, ("spec",)),
         "Secret": _top_level(["v1"], "Secret", {"stringData": map_of_strings(), "type": STR, **data}),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 from ..manifests import Manifest
-from ..report import Problem, source_name
+from ..report import Problem
 
 # (manifest, where in it, value)
 Found = tuple[Manifest, str, str]
@@ -16,5 +16,5 @@ def disagreements(found: list[Found], describe: Callable[[str, str, str], str]) 
     if not found:
         return []
     ref_m, _, reference = found[0]
-    return [m.problem(where, describe(value, reference, source_name(ref_m.path)))
+    return [m.problem(where, describe(value, reference, ref_m.source))
             for m, where, value in found if value != reference]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from ..manifests import Manifest
-from ..report import Problem, source_name
+from ..report import Problem
 
 MAX_NAME_LENGTH = {"RayCluster": 53, "RayJob": 47}  # KubeRay appends suffixes to build Service/cluster names
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -33,6 +33,6 @@ def duplicate_name_problems(manifests: list[Manifest]) -> list[Problem]:
         key = (m.kind, m.name)
         if key in first:
             problems.append(m.problem("metadata.name", f"{m.kind} {m.name!r} is also defined in "
-                                                       f"{source_name(first[key].path)}"))
+                                                       f"{first[key].source}"))
         first.setdefault(key, m)
     return problems

@@ -27,7 +27,7 @@ def _env_var_problems(m: Manifest, where: str, var: dict) -> list[Problem]:
     if _secret_like(name):
         if "value" in var:
             problems.append(m.problem(where, f"env {name} has an inline value; secrets must come from "
-                                             "valueFrom.secretKeyRef (see cluster/secrets.example.yaml)"))
+                                             "valueFrom.secretKeyRef (see cluster/secrets.example.yaml.template)"))
         elif not (var.get("valueFrom") or {}).get("secretKeyRef"):
             problems.append(m.problem(where, f"env {name} looks secret but does not use valueFrom.secretKeyRef"))
     match = _URL_CREDENTIALS.search(value) if isinstance(value, str) else None

@@ -21,6 +21,8 @@ from ..schema import CRD_FILES
 from ..tree import path_str, walk
 from .agreement import disagreements
 
+TAG_SCHEME = "<project version>-ray<Ray version>-<7 to 40 hex digits of the commit>"
+
 
 def _ray_images(m: Manifest) -> Iterator[tuple[Manifest, str, str]]:
     for group in all_groups(m):
@@ -42,15 +44,19 @@ def _other_image_problems(manifests: list[Manifest], image: str) -> list[Problem
 
 
 def _tag_problems(m: Manifest, image: str, ray_version: str, project: ProjectFacts) -> list[Problem]:
-    """The tag scheme ``<project version>-ray<Ray version>`` ties the image to pyproject and the cluster."""
+    """The tag scheme ``<project version>-ray<Ray version>-<commit>`` ties the image to pyproject, the
+    cluster and the code: a new commit is a new tag, so no node runs a stale image cached under an old one."""
     tag = image_repo_tag(image)[1]
     problems = []
     if not re.search(rf"(^|[-_.])ray{re.escape(ray_version)}($|[-_.])", tag):
         problems.append(m.problem("image", f"image tag {tag!r} must name the Ray version as 'ray{ray_version}' "
-                                           "(tag scheme <project version>-ray<Ray version>)"))
+                                           f"(tag scheme {TAG_SCHEME})"))
     if project.version and not tag.startswith(f"{project.version}-"):
         problems.append(m.problem("image", f"image tag {tag!r} must start with the project version "
                                            f"{project.version!r} from pyproject.toml"))
+    if not problems and not re.search(rf"-ray{re.escape(ray_version)}-[0-9a-f]{{7,40}}$", tag):
+        problems.append(m.problem("image", f"image tag {tag!r} must end in the git commit of the code it holds "
+                                           f"(tag scheme {TAG_SCHEME}); cluster/build.sh builds and pins it"))
     return problems
 
 
