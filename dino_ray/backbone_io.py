@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import os
-import tempfile
 from typing import Any
 
 import torch
@@ -88,20 +86,3 @@ def load_backbone(uri: str, arch: str | None = None, map_location: str = "cpu", 
         state = interpolate_pos_embed_state_dict(state, model.config.img_size, model.config.patch_size)
     model.load_state_dict(state, strict=True)
     return model
-
-
-def local_copy(uri: str) -> str:
-    """A local directory holding the exported backbone (downloads from s3 into a temp dir)."""
-    if not storage.is_remote(uri):
-        return uri
-    tmp = tempfile.mkdtemp(prefix="dino_ray_backbone_")
-    for name in (WEIGHTS, META):
-        with open(os.path.join(tmp, name), "wb") as f:
-            f.write(storage.read_bytes(storage.join(uri, name)))
-    return tmp
-
-
-def describe(uri: str) -> str:
-    meta = read_meta(uri)
-    vit = meta["vit"]
-    return json.dumps({k: vit[k] for k in ("embed_dim", "depth", "num_heads", "patch_size", "img_size")})

@@ -47,7 +47,6 @@ _EXPORTS = {
     "retrieve_nearest": "retrieval",
     "search": "index",
     "self_dedup": "dedup",
-    "union_find_components": "dedup",
     "water_fill": "sampling",
 }
 

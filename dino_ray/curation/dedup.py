@@ -28,51 +28,18 @@ class DecontaminationResult:
     direct: np.ndarray  # bool [N]: pool images within the threshold of an evaluation image
 
 
-def union_find_components(n: int, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """Root (smallest member) of every node's component, by vectorised union-find.
-
-    Each round hooks the larger root of every crossing edge onto the smaller one, then
-    compresses paths by pointer jumping; edges inside one component are dropped for good, so
-    rounds get cheaper. Pointers only ever go to smaller ids, hence no cycles, and the smallest
-    member of a component is never hooked, hence it ends as the root.
-    """
-    parent = np.arange(n, dtype=np.int64)
-    src, dst = _check_edges(n, src, dst)
-    while src.size:
-        root_u, root_v = parent[src], parent[dst]
-        crossing = root_u != root_v
-        src, dst = src[crossing], dst[crossing]
-        if not src.size:
-            break
-        root_u, root_v = root_u[crossing], root_v[crossing]
-        np.minimum.at(parent, np.maximum(root_u, root_v), np.minimum(root_u, root_v))
-        while True:
-            jumped = parent[parent]
-            if np.array_equal(jumped, parent):
-                break
-            parent = jumped
-    return parent
-
-
 def connected_components(n: int, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """Component id per node, numbered 0.. in order of each component's smallest member.
+    """Component id per node, numbered 0.. in order of each component's smallest member (scipy's compiled
+    traversal; the numbering does not depend on edge order, so runs are reproducible)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components as scipy_components
 
-    Uses scipy's compiled traversal when scipy is installed (it is not a dependency of faiss),
-    the numpy union-find otherwise; both give the same numbering.
-    """
     src, dst = _check_edges(n, src, dst)
-    try:
-        from scipy.sparse import coo_matrix
-        from scipy.sparse.csgraph import connected_components as scipy_components
-    except ImportError:
-        roots = union_find_components(n, src, dst)
-    else:
-        graph = coo_matrix((np.ones(src.size, dtype=np.int32), (src, dst)), shape=(n, n)).tocsr()
-        _, labels = scipy_components(graph, directed=True, connection="weak")
-        smallest = np.full(labels.max() + 1 if n else 0, n, dtype=np.int64)
-        np.minimum.at(smallest, labels, np.arange(n, dtype=np.int64))
-        roots = smallest[labels]
-    return np.unique(roots, return_inverse=True)[1].astype(np.int64)
+    graph = coo_matrix((np.ones(src.size, dtype=np.int32), (src, dst)), shape=(n, n)).tocsr()
+    _, labels = scipy_components(graph, directed=True, connection="weak")
+    smallest = np.full(labels.max() + 1 if n else 0, n, dtype=np.int64)
+    np.minimum.at(smallest, labels, np.arange(n, dtype=np.int64))
+    return np.unique(smallest[labels], return_inverse=True)[1].astype(np.int64)
 
 
 def self_dedup(edges: KnnEdges, threshold: float, quality: np.ndarray | None = None) -> DedupResult:
