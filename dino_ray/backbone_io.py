@@ -86,3 +86,11 @@ def load_backbone(uri: str, arch: str | None = None, map_location: str = "cpu", 
         state = interpolate_pos_embed_state_dict(state, model.config.img_size, model.config.patch_size)
     model.load_state_dict(state, strict=True)
     return model
+
+
+def describe(uri: str) -> str:
+    """The exported ViT's shape as a short JSON string (a registry tag, readable in the MLflow UI)."""
+    import json
+
+    vit = read_meta(uri)["vit"]
+    return json.dumps({k: vit[k] for k in ("embed_dim", "depth", "num_heads", "patch_size", "img_size")})

@@ -1,6 +1,6 @@
 """``dino-ray``: run, validate or submit a job YAML.
 
-    dino-ray run jobs/pipeline.yaml [key.path=value ...] [--force STAGE] [--verbose]
+    dino-ray run jobs/pipeline.yaml [key.path=value ...] [--force STAGE] [--resume-from-checkpoint STAGE]
     dino-ray validate jobs/pretrain.yaml train.lr=1e-4
     dino-ray submit jobs/pretrain.yaml --address http://HOST:8265 [key.path=value ...]
     dino-ray report outputs/demo [--update-readme demo]
@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="key.path=value overrides")
     run.add_argument("--force", action="append", default=[], metavar="STAGE",
                      help="re-run STAGE even if its manifest is up to date (repeatable)")
+    run.add_argument("--resume-from-checkpoint", action="append", default=[], metavar="STAGE", dest="resume",
+                     help="a training STAGE whose config changed continues from its last checkpoint (weights, "
+                          "optimizer, EMA teacher, step) under the new config instead of starting over")
     run.add_argument("--verbose", action="store_true",
                      help="show everything on the console: workers' output, Ray Data progress bars, INFO logs")
 
@@ -59,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="job server, e.g. http://127.0.0.1:8265 (default: $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS)")
     sm.add_argument("--submission-id", default=None, help="fixed id, so a resubmitted job is recognisable")
     sm.add_argument("--force", action="append", default=[], metavar="STAGE")
+    sm.add_argument("--resume-from-checkpoint", action="append", default=[], metavar="STAGE", dest="resume")
     sm.add_argument("--working-dir", default=".", help="uploaded as the job's working dir (default: .)")
     sm.add_argument("--no-wait", action="store_true", help="return after submission")
     sm.add_argument("--verbose", action="store_true", help="the job runs `dino-ray run --verbose`")
@@ -89,7 +93,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     start = time.time()
     try:
-        Pipeline(job, ensure_ray=ensure_ray, events=console).run(force=args.force)
+        Pipeline(job, ensure_ray=ensure_ray, events=console).run(force=args.force, resume=args.resume)
     finally:
         console.close()
     tracking_uri = tracking.resolve_tracking_uri(job.tracking.tracking_uri)
@@ -146,11 +150,18 @@ def cmd_submit(args: argparse.Namespace) -> int:
     for k in ("MLFLOW_TRACKING_URI",):
         if k in os.environ:
             env_vars.setdefault(k, os.environ[k])
+    from dino_ray import tracking
+
+    # the uploaded working dir has no .git: the runs record the commit the job was submitted from
+    commit = os.environ.get(tracking.GIT_COMMIT_ENV) or tracking.git_commit(args.working_dir)
+    if commit:
+        env_vars.setdefault(tracking.GIT_COMMIT_ENV, commit)
     if env_vars:
         runtime_env["env_vars"] = env_vars
     job_path = os.path.relpath(os.path.abspath(args.job), os.path.abspath(args.working_dir))
     entrypoint = " ".join(["dino-ray", "run", shlex.quote(job_path), *map(shlex.quote, args.overrides),
                            *[f"--force {shlex.quote(s)}" for s in args.force],
+                           *[f"--resume-from-checkpoint {shlex.quote(s)}" for s in args.resume],
                            *(["--verbose"] if args.verbose else [])])
     try:
         client = JobSubmissionClient(args.address)

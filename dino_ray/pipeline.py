@@ -10,7 +10,9 @@ A stage is a function ``run(cfg, ctx) -> StageResult`` named in the registry
 * **Manifests.** Written last, after the stage's outputs, so a manifest means "complete".
 * **Resume.** A failed stage leaves no manifest; the next run starts it again with the same MLflow
   run (same key) and, for training, the same Ray Train run name, so it continues from its last
-  checkpoint. Earlier stages' outputs are never touched.
+  checkpoint. Earlier stages' outputs are never touched. A training stage whose config changed starts
+  over unless the user asks it to continue (``resume``: ``--resume-from-checkpoint STAGE``), which keeps
+  its checkpoints and moves only its other outputs aside.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ log = logging.getLogger("dino_ray.pipeline")
 
 MANIFEST = "_manifest.json"
 RUN_RECORD = "_run.json"
+FAILURE_RECORD = "_failed.json"  # a non-retryable failure of the stage under its key
 PIPELINE_RECORD = "_pipeline.json"
 
 
@@ -45,6 +48,9 @@ class StageSpec:
     # Sub-folders that survive a change of the stage's key (content-addressed caches); everything else
     # in the stage folder is removed first, so a changed stage never resumes stale training state.
     keep_on_change: tuple[str, ...] = ()
+    # Sub-folders that ``--resume-from-checkpoint`` keeps in place when the key changes (training state), so
+    # the new config continues from the old run's last checkpoint instead of starting over.
+    resumable: tuple[str, ...] = ()
 
     def load(self) -> Callable[..., "StageResult"]:
         if callable(self.entry):
@@ -88,6 +94,22 @@ class StageFailed(RuntimeError):
     def __init__(self, stage: str, cause: BaseException):
         self.stage = stage
         super().__init__(f"stage {stage!r} failed: {type(cause).__name__}: {cause}")
+
+
+class NonRetryableError(RuntimeError):
+    """A failure that running the same config again would repeat (a NaN loss, a collapse stop, a checkpoint
+    past the schedule). Stages return these from the workers instead of raising there, so Ray Train does not
+    restart the worker group; the pipeline records them (``_failed.json``), so a retried job (a RayJob's
+    ``backoffLimit``, a re-submitted ``ray job``) fails in seconds with the same message instead of training
+    into the same failure on a fresh cluster."""
+
+
+def _known_failure(stage_dir: str, key: str) -> dict[str, Any] | None:
+    uri = storage.join(stage_dir, FAILURE_RECORD)
+    if not storage.exists(uri):
+        return None
+    record = storage.read_json(uri)
+    return record if record.get("key") == key else None
 
 
 REPLACED = ".replaced"  # under output_root: outputs of earlier configs of a stage, moved aside, never deleted
@@ -211,10 +233,29 @@ class Pipeline:
                         f"(add it to `stages`) or point {name} at existing inputs", "stages")
 
     # ------------------------------------------------------------------ running
-    def run(self, force: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
+    def check_resume(self, resume: Sequence[str], force: Sequence[str]) -> None:
+        """``--resume-from-checkpoint`` names planned training stages that have checkpoints (checked before
+        any work, like every config mistake)."""
+        for name in resume:
+            spec = self.registry.get(name)
+            if spec is None or not spec.resumable:
+                can = [n for n, s in self.registry.items() if s.resumable]
+                raise ConfigError(f"--resume-from-checkpoint {name}: only training stages ({', '.join(can)}) have "
+                                  "checkpoints to continue from")
+            if name not in self.job.stages:
+                raise ConfigError(f"--resume-from-checkpoint {name}: {name!r} is not in this job's stages")
+            if name in force:
+                raise ConfigError(f"--resume-from-checkpoint {name} and --force {name} contradict each other: "
+                                  "--force starts the stage over")
+            folders = [storage.join(self.stage_dir(name), f) for f in spec.resumable]
+            if not any(storage.list_children(f) for f in folders):
+                raise ConfigError(f"--resume-from-checkpoint {name}: no checkpoints under {', '.join(folders)}")
+
+    def run(self, force: Sequence[str] = (), resume: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
         bad = [f for f in force if f not in self.registry]
         if bad:
             raise ConfigError(f"--force names unknown stage(s) {bad}; known: {list(self.registry)}")
+        self.check_resume(resume, force)
         self.check_inputs()
         manifests: dict[str, dict[str, Any]] = {}
         tracker: _Tracker | None = None
@@ -236,23 +277,30 @@ class Pipeline:
                 self.events.stage_skipped(name, existing)
                 manifests[name] = existing
                 continue
+            failed = None if name in force else _known_failure(self.stage_dir(name), key)
+            if failed is not None:
+                raise StageFailed(name, NonRetryableError(
+                    f"{failed['error']} [this config already failed this way at {failed['at']}; it was not run "
+                    f"again: change the config, or pass --force {name} to try once more]"))
             self.events.stage_started(name, reason)
             tracker = tracker or _Tracker(self.job)
             try:
                 manifests[name] = self._run_stage(spec, key, {up: manifests[up]["outputs"] for up in needs},
-                                                  tokens, tracker, forced=name in force)
+                                                  tokens, tracker, forced=name in force, resume=name in resume)
             except BaseException:
-                tracking.set_status(tracker.uri, tracker.parent_id, "FAILED")
+                # best effort: an unreachable MLflow must not replace the stage's error with its own
+                tracking.set_status_best_effort(tracker.uri, tracker.parent_id, "FAILED")
                 raise
         if tracker is not None:
             tracker.finish()
         return manifests
 
     def _run_stage(self, spec: StageSpec, key: str, upstream: dict[str, dict[str, str]],
-                   tokens: dict[str, str], tracker: "_Tracker", forced: bool = False) -> dict[str, Any]:
+                   tokens: dict[str, str], tracker: "_Tracker", forced: bool = False,
+                   resume: bool = False) -> dict[str, Any]:
         name = spec.name
         stage_dir = self.stage_dir(name)
-        self._reset_if_changed(spec, key, stage_dir, forced)
+        self._reset_if_changed(spec, key, stage_dir, forced, resume)
         storage.makedirs(stage_dir)
         run_id = tracker.stage_run(name, key, stage_dir)
         section = to_dict(getattr(self.job, name, None))
@@ -266,10 +314,13 @@ class Pipeline:
         try:
             result = spec.load()(self.job, ctx)
         except BaseException as e:  # noqa: BLE001 - recorded, then re-raised
-            tracking.set_status(tracker.uri, run_id, "FAILED")
+            tracking.set_status_best_effort(tracker.uri, run_id, "FAILED")  # never replaces e
             self.events.stage_failed(name, e, time.time() - start)
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
                 raise
+            if isinstance(e, (NonRetryableError, ConfigError)):
+                storage.write_json(storage.join(stage_dir, FAILURE_RECORD), {
+                    "key": key, "error": f"{type(e).__name__}: {e}", "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
             raise StageFailed(name, e) from e
         manifest = {
             "stage": name, "key": key, "token": uuid.uuid4().hex, "upstream_tokens": tokens,
@@ -281,27 +332,40 @@ class Pipeline:
                                                    if isinstance(v, (int, float)) and not isinstance(v, bool)})
         tracking.log_text(tracker.uri, run_id, yaml.safe_dump(manifest, sort_keys=False), "manifest.yaml")
         storage.write_json(storage.join(stage_dir, MANIFEST), manifest)
+        storage.delete(storage.join(stage_dir, FAILURE_RECORD))  # our own record of a failure that is now past
         tracking.set_status(tracker.uri, run_id, "FINISHED")
         self.events.stage_finished(name, manifest)
         return manifest
 
-    def _reset_if_changed(self, spec: StageSpec, key: str, stage_dir: str, forced: bool = False) -> None:
+    def _reset_if_changed(self, spec: StageSpec, key: str, stage_dir: str, forced: bool = False,
+                          resume: bool = False) -> None:
         """Same key: a retry, keep everything (checkpoints to resume). New key, or ``--force``: start clean
         (a forced training stage must not resume from the checkpoints of the run it is asked to redo).
 
         Nothing is deleted: the previous outputs move to ``<output_root>/.replaced/<stage>-<old key>-<time>``
         (and the log says where), except what the stage declares reusable across configs
-        (``keep_on_change``, e.g. a feature cache), which stays. A folder the pipeline did not write (no run
-        record) is not touched at all: the stage refuses to start in it."""
+        (``keep_on_change``, e.g. a feature cache), which stays, and, when ``resume`` is asked, the training
+        checkpoints (``resumable``), which the new config continues from. A folder the pipeline did not
+        write (no run record) is not touched at all: the stage refuses to start in it."""
         record = read_record(stage_dir)
         if record.get("key") == key and not forced:
             return
         children = _replaceable(spec, stage_dir)
+        if resume:
+            children = [u for u in children if _name(u) not in spec.resumable]
+            log.warning("stage %s: config changed; continuing from the last checkpoint in %s "
+                        "(--resume-from-checkpoint): the weights, optimizer state, EMA teacher, centering and step "
+                        "count are kept; the schedule and every other setting come from the new config",
+                        spec.name, ", ".join(storage.join(stage_dir, f) for f in spec.resumable))
         if not children:
             return
         _refuse_foreign(stage_dir, children, record)
-        aside = storage.join(self.job.output_root, REPLACED,
-                             f"{spec.name}-{record.get('key', 'unknown')}-{time.strftime('%Y%m%d-%H%M%S')}")
+        base = storage.join(self.job.output_root, REPLACED,
+                            f"{spec.name}-{record.get('key', 'unknown')}-{time.strftime('%Y%m%d-%H%M%S')}")
+        aside, n = base, 1
+        while storage.exists(aside):  # two replacements of the same key within a second
+            n += 1
+            aside = f"{base}-{n}"
         for uri in children:
             storage.move(uri, storage.join(aside, _name(uri)))
         log.warning("stage %s: %s; its previous outputs were moved to %s (delete them when no longer needed)",

@@ -7,17 +7,69 @@ small JSON manifests go through one code path whether they live on a laptop or i
 S3 endpoint and credentials come from the standard AWS environment variables (``AWS_ENDPOINT_URL``,
 ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``), so a local S3 (moto) works by
 setting ``AWS_ENDPOINT_URL`` alone.
+
+**Transient errors are not bad data.** Reads retry with exponential backoff (:data:`READ_RETRY`) on one
+S3 client per process (building a client costs ~11 ms and a credentials lookup); a read that still fails
+raises :class:`StorageError`, which callers let through, so a stage fails loudly instead of counting an
+outage as a pile of bad images and silently training on fewer. A missing file (``FileNotFoundError``) is
+not retried: it is a fact about the data, which callers count as a ``missing`` skip.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
+import logging
 import os
 import posixpath
-from typing import Any
+import time
+from typing import Any, Callable, TypeVar
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
+
+log = logging.getLogger("dino_ray.storage")
+T = TypeVar("T")
+
+
+class StorageError(RuntimeError):
+    """Storage stayed unreachable or failing through every retry. Deliberately not an ``OSError``: decoders
+    treat ``OSError`` as a fact about one file, and this is a fact about the store."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Retry:
+    """``attempts`` tries with waits of ``backoff_s``, doubling up to ``max_backoff_s``, between them."""
+
+    attempts: int = 5
+    backoff_s: float = 0.5
+    max_backoff_s: float = 8.0
+
+
+# ~7.5 s of waiting plus the client's own attempts (~2 s each against an unreachable endpoint): rides out
+# a throttling burst or a restarting endpoint, yet a dead store fails the stage in well under a minute.
+READ_RETRY = Retry()
+
+
+def with_retries(fn: Callable[[], T], what: str, retry: Retry | None = None) -> T:
+    """``fn()``, retried on ``OSError`` except ``FileNotFoundError``; :class:`StorageError` after the last try.
+    ``retry`` defaults to :data:`READ_RETRY` as it is at call time."""
+    retry = retry or READ_RETRY
+    wait = retry.backoff_s
+    for attempt in range(1, retry.attempts + 1):
+        try:
+            return fn()
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            if attempt == retry.attempts:
+                raise StorageError(f"{what}: failed {retry.attempts} times, last: {type(e).__name__}: {e}") from e
+            log.warning("%s: %s: %s (attempt %d of %d, retrying in %.1f s)", what, type(e).__name__, e, attempt,
+                        retry.attempts, wait)
+            time.sleep(wait)
+            wait = min(wait * 2, retry.max_backoff_s)
+    raise AssertionError("unreachable")
 
 
 def is_remote(uri: str) -> bool:
@@ -32,13 +84,23 @@ def join(base: str, *parts: str) -> str:
 
 
 def _s3_filesystem() -> pafs.S3FileSystem:
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    """The process's S3 client for the current AWS environment (a changed endpoint, region or key id, as in
+    tests or after a credentials rotation, gets a new one)."""
+    env = os.environ
+    return _s3_client(env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL"),
+                      env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"), env.get("AWS_ACCESS_KEY_ID"),
+                      env.get("AWS_PROFILE"))
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_client(endpoint: str | None, region: str | None, key_id: str | None, profile: str | None
+               ) -> pafs.S3FileSystem:
+    del key_id, profile  # part of the cache key only: pyarrow reads credentials from the environment
     kwargs: dict[str, Any] = {"allow_bucket_creation": True}
     if endpoint:
         parsed = urlparse(endpoint)
         kwargs["endpoint_override"] = parsed.netloc or parsed.path
         kwargs["scheme"] = parsed.scheme or "https"
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         kwargs["region"] = region
     elif endpoint:
@@ -58,16 +120,6 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
 
 
-def fsspec_filesystem(uri: str):
-    """An fsspec filesystem for ``uri`` (for libraries that want fsspec rather than pyarrow)."""
-    import fsspec
-
-    if uri.startswith("s3://"):
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        return fsspec.filesystem("s3", endpoint_url=endpoint) if endpoint else fsspec.filesystem("s3")
-    return fsspec.filesystem("file")
-
-
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
@@ -78,10 +130,15 @@ def makedirs(uri: str) -> None:
     fs.create_dir(path, recursive=True)
 
 
-def read_bytes(uri: str) -> bytes:
+def read_bytes(uri: str, retry: Retry | None = None) -> bytes:
+    """The file's bytes; transient errors are retried, then raise :class:`StorageError` (module doc)."""
     fs, path = filesystem(uri)
-    with fs.open_input_stream(path) as f:
-        return f.read()
+
+    def read() -> bytes:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+
+    return with_retries(read, f"reading {uri}", retry)
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -206,16 +263,6 @@ def list_children(uri: str) -> list[str]:
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
     prefix = "s3://" if uri.startswith("s3://") else ""
     return sorted(prefix + i.path for i in infos)
-
-
-def download_dir(uri: str, local_dir: str) -> str:
-    """Copy a directory tree to a local folder (a no-op returning ``uri`` for local paths)."""
-    if not is_remote(uri):
-        return filesystem(uri)[1]
-    fs, path = filesystem(uri)
-    os.makedirs(local_dir, exist_ok=True)
-    pafs.copy_files(path, local_dir, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-    return local_dir
 
 
 def upload_dir(local_dir: str, uri: str) -> None:

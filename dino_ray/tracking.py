@@ -4,16 +4,27 @@ One parent run per pipeline output root (re-running the same pipeline continues 
 run per stage (a retried stage with the same config continues its run, so step counters never go
 backwards), and one nested run per evaluated backbone inside the eval stage. Workers (rank 0 of a
 train loop, Tune trials) reattach to a run by id with :func:`attach`.
+
+**An unreachable server.** MLflow's HTTP client retries a failed request with exponential backoff for
+minutes by default. That is right for the driver's own calls (a short server restart costs a pause),
+wrong where a call sits in the training step path or in an error path: there it runs under
+:func:`bounded_requests` (no retry, a short timeout), the train loop keeps its metrics until the server
+answers again (``_MetricBuffer`` in :mod:`dino_ray.stages.train_loop`), and an error path records a
+failure with :func:`set_status_best_effort`, which never replaces the error being handled.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import subprocess
+import threading
 from importlib import metadata
 from typing import Any, Iterator, Mapping
+
+log = logging.getLogger("dino_ray.tracking")
 
 SECRET_MARKERS = ("key", "secret", "token", "password", "credential", "credentials", "passwd")
 # user:password@ inside a URL (https://u:p@host, postgresql://u:p@host/db, s3://KEY:SECRET@bucket).
@@ -134,6 +145,56 @@ def set_status(tracking_uri: str, run_id: str, status: str) -> None:
         client.set_terminated(run_id, status=status)
 
 
+# MLflow 3.x reads these per request (``mlflow.utils.rest_utils.http_request`` calls ``.get()`` on them
+# each time); its defaults are 7 retries, backoff factor 2 and a 120 s timeout.
+_HTTP_ENV = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+             "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+_http_env_lock = threading.RLock()
+BOUNDED_TIMEOUT_S = 10
+
+
+@contextlib.contextmanager
+def bounded_requests(timeout_s: int = BOUNDED_TIMEOUT_S, max_retries: int = 0) -> Iterator[None]:
+    """MLflow HTTP requests made inside the block give up after ``timeout_s`` (connect and read each),
+    with ``max_retries`` retries and no backoff, instead of MLflow's default of minutes.
+
+    For calls whose caller has its own way to try again (the train loop's metric buffer retries at its
+    next flush) or must not wait (an error path). MLflow 3.x takes these bounds only from the
+    ``MLFLOW_HTTP_REQUEST_*`` environment variables, read at every request, and ``MlflowClient`` has no
+    per-client or per-call setting; so they are set for the duration of the block and restored after it.
+    Another thread calling MLflow during the block gets the same bounds (a lock serialises the blocks
+    themselves); in a Ray Train worker the train loop is the only caller. Non-HTTP stores (sqlite, file)
+    ignore them.
+    """
+    values = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(max_retries), "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
+              "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(timeout_s))}
+    with _http_env_lock:
+        old = {k: os.environ.get(k) for k in _HTTP_ENV}
+        os.environ.update(values)
+        try:
+            yield
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def set_status_best_effort(tracking_uri: str, run_id: str, status: str) -> bool:
+    """:func:`set_status` for an error path: bounded (:func:`bounded_requests`), and a failure is logged,
+    not raised, so the exception being handled stays the one the caller sees; an unreachable MLflow must
+    not turn a stage's own error into an MLflow traceback, nor hold it back for minutes of retries."""
+    try:
+        with bounded_requests():
+            set_status(tracking_uri, run_id, status)
+        return True
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        log.warning("could not mark MLflow run %s as %s at %s (%s: %s)", run_id, status, redact_url(tracking_uri),
+                    type(e).__name__, e)
+        return False
+
+
 @contextlib.contextmanager
 def attach(tracking_uri: str, run_id: str) -> Iterator[Any]:
     """Make ``run_id`` the active run in this process (a worker, a trial) and yield ``mlflow``."""
@@ -219,17 +280,30 @@ def log_text(tracking_uri: str, run_id: str, text: str, artifact_file: str) -> N
     mlflow.MlflowClient(tracking_uri).log_text(run_id, text, artifact_file)
 
 
-def environment_tags() -> dict[str, str]:
-    """Git commit and package versions, so a run says exactly what produced it."""
-    tags: dict[str, str] = {}
+GIT_COMMIT_ENV = "DINO_RAY_GIT_COMMIT"
+
+
+def git_commit(cwd: str | None = None) -> str | None:
+    """``HEAD`` of the git checkout at ``cwd`` (default: the working directory), or None."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=os.getcwd())
-        if commit.returncode == 0:
-            tags["git_commit"] = commit.stdout.strip()
-            tags["mlflow.source.git.commit"] = commit.stdout.strip()
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=cwd or os.getcwd())
     except (OSError, subprocess.SubprocessError):
-        pass
+        return None
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
+
+
+def environment_tags() -> dict[str, str]:
+    """Git commit and package versions, so a run says exactly what produced it.
+
+    The commit comes from ``DINO_RAY_GIT_COMMIT`` when set (the image bakes it in at build time, and
+    ``dino-ray submit`` passes the submitter's, since neither an image nor an uploaded working dir has
+    ``.git``), else from ``git rev-parse HEAD`` in the working directory."""
+    tags: dict[str, str] = {}
+    commit = os.environ.get(GIT_COMMIT_ENV) or git_commit()
+    if commit:
+        tags["git_commit"] = commit
+        tags["mlflow.source.git.commit"] = commit
     for pkg in ("dino-ray", "torch", "ray", "deepspeed", "mlflow", "faiss-cpu", "pyarrow"):
         try:
             tags[f"version.{pkg}"] = metadata.version(pkg)

@@ -12,6 +12,10 @@ Choices, stated once:
   clipped; float images in [0, 1] are multiplied by 255; anything else is min-max scaled.
 - The decompression-bomb check uses the size in the file header, before any pixel is decoded, and
   our own per-call ``max_pixels``; PIL's global ``Image.MAX_IMAGE_PIXELS`` is left untouched.
+- Memory, not pixels, is what kills a data actor: an RGBA or 16-bit image costs several times an RGB one.
+  The header also gives the pixel mode, so ``max_bytes`` bounds the estimated peak of the whole decode
+  (the decoded pixels plus the RGB output, after JPEG draft scaling) and refuses the file as ``too_large``
+  before decoding. Conversions work in row strips, so they add little on top of that estimate.
 """
 
 from __future__ import annotations
@@ -25,13 +29,25 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-# The complete vocabulary of skip reasons; nothing else ever appears in ``skip_reason``.
-SKIP_REASONS = ("empty", "not_an_image", "truncated", "too_large", "too_small", "unsupported_mode", "other")
+# The complete vocabulary of skip reasons; nothing else ever appears in ``skip_reason``. ``missing``: the
+# listed file was gone when read (storage that keeps failing is not a skip: it fails the stage).
+SKIP_REASONS = ("empty", "not_an_image", "truncated", "too_large", "too_small", "unsupported_mode", "other",
+                "missing")
 
 # 128 Mi pixels (~134 M, 400 MB as RGB uint8): above the largest common camera sensors (100-MP medium
 # format), so no real photo is refused, yet a few concurrent decodes of the largest accepted image
 # still fit in a worker's memory. It also stays below PIL's own hard limit (2 x 89.5 M pixels).
 DEFAULT_MAX_PIXELS = 128 * 2**20
+# 1 GiB per decode: every RGB image under max_pixels fits (128 Mi px x 6 B = 768 MiB), a 16-bit or RGBA one up
+# to ~150 Mi / ~110 Mi pixels ... the largest still far above any camera, while four concurrent decodes stay
+# inside a 8 GiB worker.
+DEFAULT_MAX_BYTES = 2**30
+# Bytes per pixel of PIL's decoded buffer, by mode (PIL stores 3-channel modes in 4 bytes); unknown modes: 4.
+_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "LA": 4, "PA": 4, "La": 4, "RGB": 4, "YCbCr": 4, "LAB": 4, "HSV": 4,
+               "RGBA": 4, "RGBa": 4, "RGBX": 4, "CMYK": 4, "I": 4, "F": 4, "I;16": 2, "I;16L": 2, "I;16B": 2,
+               "I;16N": 2}
+# Pixels converted at a time (whole rows): float temporaries stay at a few MB whatever the image size.
+_STRIP_PIXELS = 2**16
 
 # Modes PIL converts to RGB directly without losing anything that matters for training.
 _DIRECT_RGB_MODES = {"RGB", "L", "1", "CMYK", "YCbCr", "LAB", "HSV", "P"}
@@ -62,6 +78,8 @@ class DecodeConfig:
     draft_size: int | None = None
     # Images whose short side is below this are refused (nothing useful can be cropped from them).
     min_size: int = 2
+    # Estimated peak bytes of one decode (decoded pixels + RGB output), checked from the header.
+    max_bytes: int = DEFAULT_MAX_BYTES
 
     def validate(self) -> "DecodeConfig":
         if self.max_pixels < 1:
@@ -76,6 +94,8 @@ class DecodeConfig:
             raise ValueError(f"DecodeConfig.draft_size must be None or >= 1, got {self.draft_size}")
         if self.min_size < 1:
             raise ValueError(f"DecodeConfig.min_size must be >= 1, got {self.min_size}")
+        if self.max_bytes < 1:
+            raise ValueError(f"DecodeConfig.max_bytes must be >= 1, got {self.max_bytes}")
         return self
 
 
@@ -131,25 +151,64 @@ def _orient(img: Image.Image) -> Image.Image:
         return img
 
 
+def policy(cfg: DecodeConfig) -> str:
+    """What decoding does to images that are not plain 8-bit RGB, in words, for stage summaries."""
+    return (f"alpha composited on white; 16/32-bit integer and float images scaled to 8 bits by their real "
+            f"range (0..65535 when it fits, 0..1 for floats in it, else min..max; never clipped); EXIF orientation "
+            f"applied; refused as too_large above {cfg.max_pixels} pixels or ~{cfg.max_bytes / 2**20:.0f} MiB of "
+            f"decode memory, as too_small below {cfg.min_size} px")
+
+
+def decode_bytes_estimate(mode: str, width: int, height: int) -> int:
+    """Peak bytes of decoding an image of this header: PIL's buffer plus our RGB uint8 output."""
+    return width * height * (_MODE_BYTES.get(mode, 4) + 3)
+
+
+def _strips(img: Image.Image):
+    """``(first row, rows as a numpy array)`` in strips of about ``_STRIP_PIXELS``: numpy never holds a
+    whole-image copy of the decoded buffer (``np.asarray(img)`` costs two: PIL's ``tobytes`` and the array)."""
+    w, h = img.size
+    rows = max(1, _STRIP_PIXELS // max(w, 1))
+    for r in range(0, h, rows):
+        yield r, np.asarray(img.crop((0, r, w, min(h, r + rows))))
+
+
 def _composite_on_white(img: Image.Image) -> np.ndarray:
-    rgba = np.asarray(img.convert("RGBA"), dtype=np.float32)
-    alpha = rgba[..., 3:4] / 255.0
-    rgb = rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)
-    return np.rint(rgb).astype(np.uint8)
+    out = np.empty((img.size[1], img.size[0], 3), np.uint8)
+    for r, strip in _strips(img if img.mode == "RGBA" else img.convert("RGBA")):
+        strip = strip.astype(np.float32)
+        alpha = strip[..., 3:4] / 255.0
+        out[r:r + len(strip)] = np.rint(strip[..., :3] * alpha + 255.0 * (1.0 - alpha))
+    return out
 
 
 def _wide_to_uint8(img: Image.Image) -> np.ndarray:
-    """16/32-bit integer and float gray to 8 bits by scaling (never clipping), replicated to RGB."""
-    a = np.asarray(img)
-    if a.dtype.kind == "f":
-        a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-        lo, hi = (0.0, 1.0) if a.size == 0 or (a.min() >= 0.0 and a.max() <= 1.0) else (a.min(), a.max())
-    else:
-        a = a.astype(np.float64)
-        lo, hi = (0.0, 65535.0) if a.min() >= 0 and a.max() <= 65535 else (a.min(), a.max())
-    scaled = np.rint((a - lo) * (255.0 / max(hi - lo, 1e-12)))
-    gray = scaled.astype(np.uint8)
-    return np.repeat(gray[..., None], 3, axis=2)
+    """16/32-bit integer and float gray to 8 bits by scaling with the real range (never clipping),
+    replicated to RGB: integers that fit 16 bits use 0..65535, floats within [0, 1] use 0..1, anything
+    else its own min..max (NaN and infinities become the minimum)."""
+    w, h = img.size
+    out = np.empty((h, w, 3), np.uint8)
+    if w * h == 0:
+        return out
+    lo, hi, is_float = np.inf, -np.inf, False
+    for _, strip in _strips(img):
+        is_float = strip.dtype.kind == "f"
+        finite = strip[np.isfinite(strip)] if is_float else strip
+        if finite.size:
+            lo, hi = min(lo, float(finite.min())), max(hi, float(finite.max()))
+    if not np.isfinite(lo):  # all NaN
+        lo, hi = 0.0, 1.0
+    if is_float and lo >= 0.0 and hi <= 1.0:
+        lo, hi = 0.0, 1.0
+    elif not is_float and lo >= 0 and hi <= 65535:
+        lo, hi = 0.0, 65535.0
+    scale = 255.0 / max(hi - lo, 1e-12)
+    for r, strip in _strips(img):
+        strip = strip.astype(np.float64)
+        if is_float:
+            strip = np.nan_to_num(strip, nan=lo, posinf=lo, neginf=lo)
+        out[r:r + len(strip)] = np.rint((strip - lo) * scale)[..., None]
+    return out
 
 
 def _to_rgb(img: Image.Image) -> np.ndarray:
@@ -172,6 +231,7 @@ def decode_image(
     draft_size: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     min_size: int = 2,
+    max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> np.ndarray:
     """Decode one encoded image to a writable C-contiguous ``uint8 [H, W, 3]`` RGB array, or raise DecodeError.
 
@@ -180,7 +240,7 @@ def decode_image(
     training stream is deterministic, so an escaped exception would hit every restart at the same file.
     """
     try:
-        return _decode(data, draft_size, max_pixels, min_size)
+        return _decode(data, draft_size, max_pixels, min_size, max_bytes)
     except DecodeError:
         raise
     except Exception as e:  # noqa: BLE001 - any decoder exception on these bytes is a fact about the bytes
@@ -188,13 +248,17 @@ def decode_image(
         raise DecodeError(reason, f"{type(e).__name__}: {e}") from None
 
 
-def _decode(data: bytes, draft_size: int | None, max_pixels: int, min_size: int) -> np.ndarray:
+def _decode(data: bytes, draft_size: int | None, max_pixels: int, min_size: int, max_bytes: int) -> np.ndarray:
     img = _open(data, max_pixels)
     w, h = img.size
     if min(w, h) < min_size:
         raise DecodeError("too_small", f"{w}x{h} has a side < min_size {min_size}")
     if draft_size is not None:
         _draft(img, draft_size)
+    need = decode_bytes_estimate(img.mode, *img.size)
+    if need > max_bytes:
+        raise DecodeError("too_large", f"{img.size[0]}x{img.size[1]} {img.mode} needs ~{need / 2**20:.0f} MiB to "
+                                       f"decode > max_bytes {max_bytes / 2**20:.0f} MiB")
     _load(img)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -280,7 +344,7 @@ def decode_batch(batch: dict[str, np.ndarray], cfg: DecodeConfig | None = None) 
             images[i], reasons[i] = _placeholder(), str(earlier[i])
             continue
         try:
-            images[i] = decode_image(_as_bytes(data), cfg.draft_size, cfg.max_pixels, cfg.min_size)
+            images[i] = decode_image(_as_bytes(data), cfg.draft_size, cfg.max_pixels, cfg.min_size, cfg.max_bytes)
             reasons[i] = ""
         except DecodeError as e:
             images[i], reasons[i] = _placeholder(), e.reason

@@ -66,7 +66,8 @@ def rows_from_parquet(batch: dict[str, np.ndarray], cfg: SourceConfig, classes: 
 
 def rows_from_manifest(batch: dict[str, np.ndarray], cfg: SourceConfig, base: str, classes: list[str],
                        keep: set[str] | None) -> dict[str, np.ndarray]:
-    """Manifest rows with each image's bytes fetched; an unreadable file gets skip_reason "other"."""
+    """Manifest rows with each image's bytes fetched; a file that is gone gets skip_reason "missing" (a store
+    that keeps failing raises ``StorageError``: not a bad image)."""
     n = len(batch[cfg.uri_column])
     ids = batch[cfg.id_column] if cfg.id_column else [None] * n
     labels = batch[cfg.label_column] if cfg.label_column else [None] * n
@@ -78,8 +79,8 @@ def rows_from_manifest(batch: dict[str, np.ndarray], cfg: SourceConfig, base: st
             continue
         try:
             data, reason = read_image_bytes(full), ""
-        except OSError:
-            data, reason = b"", "other"
+        except FileNotFoundError:
+            data, reason = b"", "missing"
         rows.append({"id": row_id, "uri": full, "label": label_index(label, classes), "bytes": data,
                      "skip_reason": reason})
     return _columns(rows, extra=("skip_reason",))

@@ -216,10 +216,11 @@ def read_column(files: list[str], column: str) -> list:
     return values
 
 
-def _paths(listing: Listing, cfg: SourceConfig) -> list[tuple[str, str]]:
+def _paths(listing: Listing, cfg: SourceConfig, unlisted: list[tuple[str, str]] | None = None
+           ) -> list[tuple[str, str]]:
     """(id, uri) of every image of a folder tree or of the tar archive(s), sorted by id."""
     if listing.format == "tar":
-        return sorted((ref.id, ref.uri) for ref in list_tar_members(listing, cfg))
+        return sorted((ref.id, ref.uri) for ref in list_tar_members(listing, cfg, unlisted))
     return sorted((relative_id(uri, listing.root), uri) for uri in listing.files
                   if has_extension(uri, cfg.extensions))
 
@@ -261,12 +262,17 @@ def select_subset(ids: list[str], max_images: int | None, seed: int) -> list[int
     return [order[i] for i in sorted(picked)]
 
 
-def list_images(cfg: SourceConfig, listing: Listing | None = None) -> list[ImageRef]:
+def list_images(cfg: SourceConfig, listing: Listing | None = None,
+                unlisted: list[tuple[str, str]] | None = None) -> list[ImageRef]:
     """Every image of a folder, ImageFolder tree, tar archive(s) or manifest, as refs sorted by id.
 
-    Parquet sources hold bytes, not files: read them with ``iter_parquet_rows``.
+    What could not be listed (see :class:`Listing`, and tar shards cut off mid-way) is appended to
+    ``unlisted`` as ``(name, reason)``, for the stage summary. Parquet sources hold bytes, not files: read
+    them with ``iter_parquet_rows``.
     """
     listing = listing or scan(cfg)
+    if unlisted is not None:
+        unlisted.extend(listing.unlisted)
     if listing.format == "parquet":
         raise ValueError(f"{cfg.uri!r} is a parquet source of image bytes: use iter_parquet_rows / iter_rows")
     names = class_names(cfg, listing)
@@ -274,7 +280,7 @@ def list_images(cfg: SourceConfig, listing: Listing | None = None) -> list[Image
         refs = _manifest_refs(listing, cfg, names)
     else:
         refs = [ImageRef(i, uri, names.index(folder_class(i)) if names and folder_class(i) is not None else -1)
-                for i, uri in _paths(listing, cfg)]
+                for i, uri in _paths(listing, cfg, unlisted)]
     ids = [r.id for r in refs]
     if len(set(ids)) != len(ids):
         seen: set[str] = set()
@@ -348,8 +354,10 @@ def tar_member_id(archive_uri: str, member: str, archives: list[str], root: str)
     return member if len(archives) == 1 else f"{relative_id(archive_uri, root)}/{member}"
 
 
-def list_tar_members(listing: Listing, cfg: SourceConfig) -> list[ImageRef]:
-    """Image members of the tar archive(s): headers only, seeking over the data where possible."""
+def list_tar_members(listing: Listing, cfg: SourceConfig, unlisted: list[tuple[str, str]] | None = None
+                     ) -> list[ImageRef]:
+    """Image members of the tar archive(s): headers only, seeking over the data where possible. A damaged
+    shard keeps the members read before the damage and goes to ``unlisted`` as ``damaged_archive``."""
     archives = tar_files(listing, cfg)
     refs = []
     for archive_uri in archives:
@@ -365,6 +373,8 @@ def list_tar_members(listing: Listing, cfg: SourceConfig) -> list[ImageRef]:
             # keep the members read before the damage: one bad shard must not hide all the others
             log.warning("%s: tar listing stopped after %d images: %s: %s", archive_uri, len(refs) - found,
                         type(e).__name__, e)
+            if unlisted is not None:
+                unlisted.append((archive_uri, f"damaged_archive: after {len(refs) - found} images: {e}"))
     return refs
 
 
@@ -423,19 +433,37 @@ def iter_rows(cfg: SourceConfig) -> Iterator[dict]:
 
 
 def read_image_bytes(uri: str) -> bytes:
-    """Bytes of one image ref URI: a file (local or s3://) or a tar member ``<archive>#<member>``."""
-    fs, path = storage.filesystem(uri)
-    if fs.get_file_info(path).type == pafs.FileType.File:
-        return storage.read_bytes(uri)
+    """Bytes of one image ref URI: a file (local or s3://) or a tar member ``<archive>#<member>``.
+
+    ``FileNotFoundError`` when the file or member is gone (a counted ``missing`` skip for callers);
+    :class:`~dino_ray.storage.StorageError` when the store keeps failing (the stage fails)."""
     archive, sep, member = uri.rpartition("#")
     if not sep or not is_tar(archive):
-        raise FileNotFoundError(f"no image file at {uri!r} (parquet rows are read with iter_parquet_rows)")
+        return storage.read_bytes(uri)
     fs, path = storage.filesystem(archive)
-    with fs.open_input_file(path) as f, tarfile.open(fileobj=f, mode="r:*") as tar:
-        try:
-            handle = tar.extractfile(member)
-        except KeyError:
-            raise FileNotFoundError(f"no member {member!r} in the archive {archive!r}") from None
-        if handle is None:
-            raise FileNotFoundError(f"{member!r} in {archive!r} is not a regular file")
-        return handle.read()
+
+    def read() -> bytes:
+        with fs.open_input_file(path) as f, tarfile.open(fileobj=f, mode="r:*") as tar:
+            try:
+                handle = tar.extractfile(member)
+            except KeyError:
+                raise FileNotFoundError(f"no member {member!r} in the archive {archive!r}") from None
+            if handle is None:
+                raise FileNotFoundError(f"{member!r} in {archive!r} is not a regular file")
+            return handle.read()
+
+    return storage.with_retries(read, f"reading {uri}")
+
+
+def unlisted_summary(unlisted: Iterable[tuple[str, str]], prefix: str = "", samples: int = 20) -> dict:
+    """Stage-summary entries for what a listing could not list: a count, counts by reason, a few names."""
+    unlisted = list(unlisted)
+    by_reason: dict[str, int] = {}
+    for _, reason in unlisted:
+        key = reason.split(":")[0]
+        by_reason[key] = by_reason.get(key, 0) + 1
+    out: dict = {f"{prefix}unlisted": len(unlisted)}
+    if unlisted:
+        out[f"{prefix}unlisted_by_reason"] = dict(sorted(by_reason.items()))
+        out[f"{prefix}unlisted_samples"] = [f"{name} ({reason})" for name, reason in unlisted[:samples]]
+    return out

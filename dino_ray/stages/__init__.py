@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dino_ray.pipeline import StageSpec
 
+TRAIN_STATE = "ray_train"  # a training stage's Ray Train run folder (checkpoints); see stages/training.py
+
 
 def _curate_needs(job) -> list[str]:
     return []
@@ -33,8 +35,8 @@ def _eval_needs(job) -> list[str]:
 REGISTRY: dict[str, StageSpec] = {
     "curate": StageSpec("curate", "dino_ray.stages.curate:run", _curate_needs,
                         keep_on_change=("bootstrap", "embeddings")),
-    "pretrain": StageSpec("pretrain", "dino_ray.stages.pretrain:run", _pretrain_needs),
-    "highres": StageSpec("highres", "dino_ray.stages.highres:run", _highres_needs),
-    "distill": StageSpec("distill", "dino_ray.stages.distill:run", _distill_needs),
+    "pretrain": StageSpec("pretrain", "dino_ray.stages.pretrain:run", _pretrain_needs, resumable=(TRAIN_STATE,)),
+    "highres": StageSpec("highres", "dino_ray.stages.highres:run", _highres_needs, resumable=(TRAIN_STATE,)),
+    "distill": StageSpec("distill", "dino_ray.stages.distill:run", _distill_needs, resumable=(TRAIN_STATE,)),
     "eval": StageSpec("eval", "dino_ray.stages.eval:run", _eval_needs, keep_on_change=("features",)),
 }

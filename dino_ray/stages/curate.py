@@ -23,6 +23,8 @@ import numpy as np
 
 from dino_ray import backbone_io, feature_store, storage, tracking
 from dino_ray.config.loader import config_hash
+from dino_ray.data.decode import policy as decode_policy
+from dino_ray.data.sources import unlisted_summary
 from dino_ray.pipeline import StageContext, StageResult
 from dino_ray.stages.inference import BackboneRef, InferenceSpec, run_inference
 
@@ -31,17 +33,18 @@ MANIFEST = "manifest.parquet"
 DROPPED = "dropped.parquet"  # every pool file not in the manifest, with why
 
 
-def _rows(source: Any) -> list[dict]:
+def _rows(source: Any, unlisted: list[tuple[str, str]]) -> list[dict]:
     from dino_ray.data.sources import list_images
 
-    return [{"id": r.id, "uri": r.uri, "label": r.label} for r in list_images(source)]
+    return [{"id": r.id, "uri": r.uri, "label": r.label} for r in list_images(source, unlisted=unlisted)]
 
 
-def _embed(name: str, source: Any, embedder: BackboneRef, job: Any, ctx: StageContext):
+def _embed(name: str, source: Any, embedder: BackboneRef, job: Any, ctx: StageContext,
+           unlisted: list[tuple[str, str]]):
     cfg = job.curate.embed
     spec = InferenceSpec(backbone=embedder, image_size=cfg.image_size, mode="embed", decode=job.curate.decode,
                          flip_invariant=cfg.flip_invariant)
-    rows = _rows(source)
+    rows = _rows(source, unlisted)
     if not rows:
         raise ValueError(f"curate: no images found for {name} at {source.uri}")
     # Cached per (embedder weights, embedding settings, source): re-running with other curation
@@ -73,9 +76,10 @@ def _bootstrap_embedder(job: Any, ctx: StageContext) -> str:
                                              "schedule": schedule, "seed": job.seed}))
     if storage.exists(storage.join(out, "backbone.json")):
         return out
-    index_uri, n = index_for("curate", data, ctx, None)
+    index = index_for("curate", data, ctx, None)
     spec = LoopSpec(stage="curate_bootstrap", students=[StudentSpec("teacher", cfg.model)], loss=pre.loss,
-                    schedule=schedule, train=pre.train, data=data, index_uri=index_uri, n_images=n, seed=job.seed,
+                    schedule=schedule, train=pre.train, data=data, index_uri=index.uri, n_images=index.n_images,
+                    seed=job.seed,
                     output_dir=out, tracking_uri=ctx.tracking_uri, run_id=ctx.run_id)
     run_training(spec, ctx)
     return out
@@ -173,17 +177,18 @@ def run(job: Any, ctx: StageContext) -> StageResult:
     checkpoint = cfg.embed.checkpoint or _bootstrap_embedder(job, ctx)
     embedder = BackboneRef(uri=checkpoint)
 
-    meta, pool, computed = _embed("pool", cfg.pool, embedder, job, ctx)
+    unlisted: list[tuple[str, str]] = []  # files no listing could list, in the pool or the reference sets
+    meta, pool, computed = _embed("pool", cfg.pool, embedder, job, ctx, unlisted)
     reasons = Counter(r for r in meta["skip_reason"] if r)
     ok = np.array([not r for r in meta["skip_reason"]], dtype=bool)
     rows = np.flatnonzero(ok)
     eval_sets = {}
     for i, src in enumerate(cfg.eval_sets):
-        emeta, emb, _ = _embed(f"eval_{i}", src, embedder, job, ctx)
+        emeta, emb, _ = _embed(f"eval_{i}", src, embedder, job, ctx, unlisted)
         eval_sets[f"eval_{i}"] = emb[[not r for r in emeta["skip_reason"]]]
     seed_set = None
     if cfg.seed_set is not None:
-        smeta, emb, _ = _embed("seed", cfg.seed_set, embedder, job, ctx)
+        smeta, emb, _ = _embed("seed", cfg.seed_set, embedder, job, ctx, unlisted)
         seed_set = emb[[not r for r in smeta["skip_reason"]]]
 
     pool_x = pool[rows]
@@ -209,6 +214,7 @@ def run(job: Any, ctx: StageContext) -> StageResult:
         "index": s.get("index_type"), "index_recall": s.get("index_recall"),
         "cluster_sizes_before": before, "cluster_sizes_after": after,
         "kept_by_reason": s.get("n_kept_by_reason", {}), "timings_s": s.get("timings_s", {}),
+        **unlisted_summary(unlisted), "decode": decode_policy(job.curate.decode),
     }
     if before:
         png = _histogram_png(before, after)

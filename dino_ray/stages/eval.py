@@ -166,10 +166,10 @@ def _pca_picture(cand: Candidate, rows: list[dict], ds_cfg: Any, n: int) -> byte
     return buf.getvalue()
 
 
-def _rows(source: Any) -> list[dict]:
+def _rows(source: Any, unlisted: list[tuple[str, str]]) -> list[dict]:
     from dino_ray.data.sources import list_images
 
-    return [{"id": r.id, "uri": r.uri, "label": r.label} for r in list_images(source)]
+    return [{"id": r.id, "uri": r.uri, "label": r.label} for r in list_images(source, unlisted=unlisted)]
 
 
 def evaluate(cand: Candidate, ds_cfg: Any, job: Any, ctx: StageContext) -> tuple[dict[str, Any], bytes | None, int]:
@@ -177,10 +177,12 @@ def evaluate(cand: Candidate, ds_cfg: Any, job: Any, ctx: StageContext) -> tuple
     from dino_ray.evals.retrieval import retrieval_metrics
 
     cfg = job.eval
-    train_rows, test_rows = _rows(ds_cfg.train), _rows(ds_cfg.test)
+    unlisted: list[tuple[str, str]] = []  # named in the log by the listing; counted in the results
+    train_rows, test_rows = _rows(ds_cfg.train, unlisted), _rows(ds_cfg.test, unlisted)
     train_x, train_y, c1, train_shards = _features(cand, "train", train_rows, ds_cfg, job, ctx)
     test_x, test_y, c2, test_shards = _features(cand, "test", test_rows, ds_cfg, job, ctx)
-    results: dict[str, Any] = {"train_images": int(len(train_y)), "test_images": int(len(test_y))}
+    results: dict[str, Any] = {"train_images": int(len(train_y)), "test_images": int(len(test_y)),
+                               "unlisted_files": len(unlisted)}
     knn = knn_classify(train_x["cls_1"], train_y, test_x["cls_1"], test_y, ks=tuple(cfg.knn.ks),
                        temperature=cfg.knn.temperature)
     results.update({f"knn_{k}": v for k, v in knn["metrics"].items()})

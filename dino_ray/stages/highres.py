@@ -9,20 +9,21 @@ from __future__ import annotations
 import dataclasses
 
 from dino_ray.pipeline import StageContext, StageResult
+from dino_ray.stages import TRAIN_STATE
 from dino_ray.stages.train_loop import LoopSpec, StudentSpec
-from dino_ray.stages.training import alarm_summary, index_for, log_backbone, run_training
+from dino_ray.stages.training import index_for, log_backbone, run_training, stage_summary
 
 
 def run(job, ctx: StageContext) -> StageResult:
     cfg = job.highres
     model = dataclasses.replace(job.pretrain.model, img_size=cfg.img_size)
-    index_uri, n_images = index_for("highres", cfg.data, ctx, None if cfg.data.source.uri else "curate")
+    index = index_for("highres", cfg.data, ctx, None if cfg.data.source.uri else "curate")
     out = ctx.path("teacher")
     spec = LoopSpec(stage="highres", students=[StudentSpec("teacher", model)], loss=cfg.loss, schedule=cfg.schedule,
-                    train=cfg.train, data=cfg.data, index_uri=index_uri, n_images=n_images, seed=job.seed,
+                    train=cfg.train, data=cfg.data, index_uri=index.uri, n_images=index.n_images, seed=job.seed,
                     output_dir=out, tracking_uri=ctx.tracking_uri, run_id=ctx.run_id,
                     init_from=ctx.input("pretrain", "backbone"), monitor=cfg.monitor)
     value = run_training(spec, ctx)
     log_backbone(ctx, out)
-    return StageResult(outputs={"backbone": out, "train_state": ctx.path("ray_train")},
-                       summary={**value["timing"], **alarm_summary(value), "images": n_images, "steps": value["final_step"], "img_size": cfg.img_size})
+    return StageResult(outputs={"backbone": out, "train_state": ctx.path(TRAIN_STATE)},
+                       summary={**stage_summary(value, index), "img_size": cfg.img_size})

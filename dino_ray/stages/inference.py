@@ -65,13 +65,16 @@ class FeatureMaker:
         from dino_ray.data.decode import DecodeError, decode_image
         from dino_ray.data.sources import read_image_bytes
 
+        cfg = self.spec.decode
         try:
-            return decode_image(read_image_bytes(uri), draft_size=self.spec.image_size * 2,
-                                max_pixels=self.spec.decode.max_pixels), ""
+            return decode_image(read_image_bytes(uri), draft_size=self.spec.image_size * 2, max_pixels=cfg.max_pixels,
+                                min_size=cfg.min_size, max_bytes=cfg.max_bytes), ""
         except DecodeError as e:
             return None, e.reason
-        except OSError:
-            return None, "unreadable"
+        except FileNotFoundError:
+            return None, "missing"
+        # anything else (StorageError after its retries) fails the shard: an outage is not a bad image, and
+        # the shard is redone when the stage runs again
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch

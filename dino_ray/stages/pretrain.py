@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 from dino_ray.pipeline import StageContext, StageResult
+from dino_ray.stages import TRAIN_STATE
 from dino_ray.stages.train_loop import LoopSpec, StudentSpec
-from dino_ray.stages.training import alarm_summary, index_for, log_backbone, run_training
+from dino_ray.stages.training import index_for, log_backbone, run_training, stage_summary
 
 
 def run(job, ctx: StageContext) -> StageResult:
     cfg = job.pretrain
-    index_uri, n_images = index_for("pretrain", cfg.data, ctx, None if cfg.data.source.uri else "curate")
+    index = index_for("pretrain", cfg.data, ctx, None if cfg.data.source.uri else "curate")
     out = ctx.path("teacher")
     spec = LoopSpec(stage="pretrain", students=[StudentSpec("teacher", cfg.model)], loss=cfg.loss,
-                    schedule=cfg.schedule, train=cfg.train, data=cfg.data, index_uri=index_uri, n_images=n_images,
+                    schedule=cfg.schedule, train=cfg.train, data=cfg.data, index_uri=index.uri, n_images=index.n_images,
                     seed=job.seed, output_dir=out, tracking_uri=ctx.tracking_uri, run_id=ctx.run_id,
                     monitor=cfg.monitor)
     value = run_training(spec, ctx)
     log_backbone(ctx, out)
-    return StageResult(outputs={"backbone": out, "train_state": ctx.path("ray_train")},
-                       summary={**value["timing"], **alarm_summary(value), "images": n_images, "steps": value["final_step"]})
+    return StageResult(outputs={"backbone": out, "train_state": ctx.path(TRAIN_STATE)},
+                       summary=stage_summary(value, index))

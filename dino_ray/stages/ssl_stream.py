@@ -11,18 +11,22 @@ Each rank builds its own Ray Data pipeline over its positions (``range`` -> an a
 decodes and crops) and iterates it with ``iter_torch_batches``; preprocessing runs in Ray Data
 actors with fractional CPUs, so it shares a small cluster with the trainers and scales out to CPU
 nodes on a real one. Images that fail to decode during training (the curate stage normally removed
-them) are replaced by the next image of the permutation and counted.
+them), or that are gone, are replaced by the next image of the permutation and counted by reason in a
+``skips`` column that the train loop sums into the stage summary. Storage that keeps failing is not a bad
+image: its ``StorageError`` fails the stream (and Ray Train restarts from the last checkpoint).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections import defaultdict
 from typing import Any, Iterator
 
 import numpy as np
 
 INDEX_FILE = "index.parquet"
+log = logging.getLogger("dino_ray.stream")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +74,7 @@ class CropMaker:
         self.draft_size = data_cfg.decode.draft_size or data_cfg.crops.min_source_size()
         self.multicrop = MultiCrop(data_cfg.crops, data_cfg.masking, seed=spec.seed)
         self._perms: dict[int, np.ndarray] = {}
-        self.skipped = 0
+        self.warned = 0
 
     def _perm(self, epoch: int) -> np.ndarray:
         if epoch not in self._perms:
@@ -79,31 +83,43 @@ class CropMaker:
             self._perms[epoch] = np.random.default_rng([self.spec.seed, epoch]).permutation(self.spec.n_images)
         return self._perms[epoch]
 
-    def _image(self, epoch: int, offset: int) -> tuple[int, np.ndarray]:
-        from dino_ray import storage
-        from dino_ray.data.decode import DecodeError, decode_image
+    def _image(self, epoch: int, offset: int, skips: np.ndarray) -> tuple[int, np.ndarray]:
+        """The first image at or after ``offset`` in the epoch's order that decodes; failures add to ``skips``."""
+        from dino_ray.data.decode import SKIP_REASONS, DecodeError, decode_image
+        from dino_ray.data.sources import read_image_bytes
 
         perm = self._perm(epoch)
         for attempt in range(min(16, self.spec.n_images)):
             index = int(perm[(offset + attempt) % self.spec.n_images])
             try:
-                data = storage.read_bytes(self.uris[index])
-                return index, decode_image(data, draft_size=self.draft_size, max_pixels=self.decode_cfg.max_pixels)
-            except (DecodeError, OSError):
-                self.skipped += 1
+                return index, decode_image(read_image_bytes(self.uris[index]), draft_size=self.draft_size,
+                                           max_pixels=self.decode_cfg.max_pixels, min_size=self.decode_cfg.min_size,
+                                           max_bytes=self.decode_cfg.max_bytes)
+            except DecodeError as e:
+                reason = e.reason
+            except FileNotFoundError:
+                reason = "missing"
+            skips[SKIP_REASONS.index(reason)] += 1
+            if self.warned < 20:  # the summary has the counts; the log names the first files
+                self.warned += 1
+                log.warning("training stream: skipped %s (%s)", self.uris[index], reason)
         raise RuntimeError(f"16 consecutive images failed to decode around position {offset} of epoch {epoch}; "
                            f"check the training index {self.spec.index_uri}")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from dino_ray.data.decode import SKIP_REASONS
+
         positions = self.spec.position(batch["id"].astype(np.int64))
         columns: dict[str, list[np.ndarray]] = defaultdict(list)
         for pos in positions:
             epoch, offset = divmod(int(pos), self.spec.n_images)
-            index, image = self._image(epoch, offset)
+            skips = np.zeros(len(SKIP_REASONS), np.int64)
+            index, image = self._image(epoch, offset, skips)
             for name, value in self.multicrop(image, sample_index=index, epoch=epoch).items():
                 columns[name].append(value)
             columns["sample_index"].append(np.int64(index))
             columns["epoch"].append(np.int64(epoch))
+            columns["skips"].append(skips)
         return {k: np.stack(v) for k, v in columns.items()}
 
 

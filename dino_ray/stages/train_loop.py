@@ -18,7 +18,8 @@ the same update runs on full tensors.
 covers those steps is committed. After a crash the uncommitted steps are redone and logged once, so
 the step axis in MLflow never repeats or skips. The buffered rows also travel inside the checkpoint:
 a worker killed between committing a checkpoint and logging its rows logs them on resume (skipping
-any step MLflow already has), so those steps are not lost either.
+any step MLflow already has), so those steps are not lost either. An unreachable MLflow does not stop
+training: the rows wait (bounded) until it answers again, see ``_MetricBuffer``.
 """
 
 from __future__ import annotations
@@ -186,41 +187,159 @@ class _Member:
                 (p.ds_tensor if self.zero3 else p).copy_(shards[i])
 
 
-class _MetricBuffer:
-    """Per-step metrics held until the checkpoint covering them is committed (see module docstring)."""
+MAX_PENDING_ROWS = 100_000  # metric rows held while MLflow is unreachable; past it the oldest are dropped
+FINAL_FLUSH_WAIT_S = 60.0  # how long the end of training keeps trying an unreachable MLflow
+FINAL_FLUSH_PAUSE_S = 3.0  # between those tries
+UNLOGGED_METRICS = "metrics_unlogged.json"  # rows MLflow never took, next to the checkpoints (see close)
 
-    def __init__(self, tracking_uri: str, run_id: str, enabled: bool):
-        self.uri, self.run_id, self.enabled = tracking_uri, run_id, enabled
+
+class _MetricBuffer:
+    """Per-step metrics held until the checkpoint covering them is committed (see module docstring), and
+    for as long as MLflow cannot take them: an unreachable MLflow never stops training, and holds a step
+    up for one bounded attempt at most.
+
+    * :meth:`flush` makes bounded requests (:func:`dino_ray.tracking.bounded_requests`: no retry, a 10 s
+      timeout), so a step waits at most seconds, not MLflow's minutes of backoff. On a failure it keeps
+      the rows, warns once for the outage (the tracking URI and the error; later failures are debug
+      lines) and tries again at the next flush; the first one that succeeds logs "MLflow reachable again,
+      flushed K rows". Every checkpoint meanwhile carries all held rows (``PENDING_METRICS``, written from
+      :attr:`rows`, which may span several checkpoints), so a restarted worker loses none of them.
+    * Held rows are bounded by ``max_rows`` (:data:`MAX_PENDING_ROWS`; about 150 MB of memory and 65 MB
+      in each checkpoint at the bound for 25 metrics a row): past it the *oldest* rows are dropped and
+      counted, with one warning when dropping starts and the count in the line of the next flush that
+      succeeds (or in the end-of-training file). Losing the start of a very long outage beats running the
+      worker out of memory.
+    * Exactly once: after a failed flush some of its requests may have reached MLflow anyway (a batch
+      before the one that failed, a timeout after the server wrote), and rows restored from a checkpoint
+      may have been logged before the worker stopped. The next flush after either first reads which steps
+      MLflow has for each key and logs only the rest.
+    * :meth:`close` ends training with a longer bounded wait, then writes what is still unlogged to a file.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, enabled: bool, max_rows: int = MAX_PENDING_ROWS):
+        self.uri, self.run_id, self.enabled, self.max_rows = tracking_uri, run_id, enabled, max_rows
         self.rows: list[tuple[int, dict[str, float]]] = []
+        self.dropped = 0  # oldest rows dropped past max_rows, never logged
+        self._outage: str | None = None  # the first error of the current outage; None while MLflow answers
+        self._check_logged = False  # rows may already be (partly) in MLflow: skip the (key, step) it has
 
     def add(self, step: int, metrics: dict[str, float]) -> None:
         if self.enabled:
             self.rows.append((step, metrics))
+            self._bound()
 
-    def flush(self) -> None:
-        if not self.enabled or not self.rows:
+    def _bound(self) -> None:
+        over = len(self.rows) - self.max_rows
+        if over <= 0:
             return
+        if not self.dropped:
+            log.warning("more than %d metric rows wait for MLflow at %s: dropping the oldest from now on (the "
+                        "number dropped is logged when MLflow is back or training ends)", self.max_rows,
+                        self._where())
+        del self.rows[:over]
+        self.dropped += over
+
+    def _where(self) -> str:
+        from dino_ray.tracking import redact_url
+
+        return redact_url(self.uri)
+
+    def flush(self) -> bool:
+        """Log the held rows; True when none are left. Never raises: a failure keeps them (see class)."""
+        if not self.enabled or not self.rows:
+            return True
+        from dino_ray import tracking
+
+        try:
+            with tracking.bounded_requests():
+                self._log_rows()
+        except Exception as e:  # noqa: BLE001 - any tracking failure: keep the rows, try again later
+            self._check_logged = True
+            if self._outage is None:
+                self._outage = f"{type(e).__name__}: {e}"
+                log.warning("MLflow at %s is unreachable (%s); training continues, its metrics are kept and "
+                            "logged when MLflow answers again (%d rows held so far)", self._where(),
+                            self._outage, len(self.rows))
+            else:
+                log.debug("MLflow at %s still unreachable (%s: %s); %d rows held", self._where(),
+                          type(e).__name__, e, len(self.rows))
+            return False
+        dropped = f" ({self.dropped} older rows were dropped before it took them)" if self.dropped else ""
+        if self._outage is not None:
+            log.warning("MLflow reachable again at %s, flushed %d rows%s", self._where(), len(self.rows), dropped)
+        elif dropped:
+            log.warning("flushed %d metric rows to MLflow at %s%s", len(self.rows), self._where(), dropped)
+        self._outage, self._check_logged, self.dropped = None, False, 0
+        self.rows.clear()
+        return True
+
+    def _log_rows(self) -> None:
         import mlflow
         from mlflow.entities import Metric
 
-        ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, step) for step, m in self.rows for k, v in m.items()]
         client = mlflow.MlflowClient(self.uri)
+        logged: dict[str, set[int]] = {}
+        if self._check_logged:
+            for key in sorted({k for _, m in self.rows for k in m}):
+                logged[key] = {m.step for m in client.get_metric_history(self.run_id, key)}
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step) for step, m in self.rows for k, v in m.items()
+                 if step not in logged.get(k, ())]
         for i in range(0, len(items), 900):
             client.log_batch(self.run_id, metrics=items[i:i + 900])
-        self.rows.clear()
 
     def restore(self, rows: list[tuple[int, dict[str, float]]]) -> None:
-        """Log rows saved in a checkpoint whose flush may not have happened, skipping logged steps."""
+        """Take over rows saved in a checkpoint (their flush may or may not have happened before the worker
+        stopped) and log them, skipping the steps MLflow already has, key by key. Never raises: with MLflow
+        unreachable they wait, with that check, for the next flush like any other held rows."""
         if not self.enabled or not rows:
             return
-        import mlflow
-
-        key = next(iter(rows[0][1]))
-        history = mlflow.MlflowClient(self.uri).get_metric_history(self.run_id, key)
-        last = max((m.step for m in history), default=-1)
-        self.rows = [(step, m) for step, m in rows if step > last]
+        self.rows = list(rows) + self.rows
+        self._bound()
+        self._check_logged = True
         self.flush()
+
+    def close(self, save: Any = None, wait_s: float = FINAL_FLUSH_WAIT_S) -> str | None:
+        """End of training (also an early stop): flush, trying an unreachable MLflow again for up to
+        ``wait_s``. Rows still unlogged then are not lost: ``save(bytes)`` (default: a file
+        :data:`UNLOGGED_METRICS` next to the checkpoints in the stage's ``ray_train`` folder) writes them as
+        ``{"tracking_uri", "run_id", "dropped", "rows": [[step, {key: value}], ...]}``, and the last
+        checkpoint's ``PENDING_METRICS`` holds those it covers, which a re-run of the stage logs when it
+        resumes. Returns where the file went (None when everything was logged). Never raises: a finished
+        training run must not fail for its curves; the stage's own MLflow calls after it decide that."""
+        if not self.enabled:
+            return None
+        deadline = time.monotonic() + wait_s
+        while not self.flush() and time.monotonic() + FINAL_FLUSH_PAUSE_S < deadline:
+            time.sleep(FINAL_FLUSH_PAUSE_S)
+        if not self.rows:
+            return None
+        data = json.dumps({"tracking_uri": self._where(), "run_id": self.run_id, "dropped": self.dropped,
+                           "rows": [[s, {k: float(v) for k, v in m.items()}] for s, m in self.rows]}).encode()
+        try:
+            where = (save or self.save_next_to_checkpoints)(data)
+        except Exception:  # noqa: BLE001 - see the docstring
+            log.error("MLflow at %s unreachable and %d metric rows (steps %d-%d) could not be written either",
+                      self._where(), len(self.rows), self.rows[0][0], self.rows[-1][0], exc_info=True)
+            return None
+        log.warning("MLflow at %s still unreachable after %.0f s (%s): %d metric rows (steps %d-%d) not logged "
+                    "were written to %s%s; re-running the stage logs those its last checkpoint holds",
+                    self._where(), wait_s, self._outage, len(self.rows), self.rows[0][0], self.rows[-1][0], where,
+                    f" ({self.dropped} older rows were dropped)" if self.dropped else "")
+        return where
+
+    @staticmethod
+    def save_next_to_checkpoints(data: bytes) -> str:
+        """Write ``data`` as :data:`UNLOGGED_METRICS` in this Ray Train run's folder (local or remote)."""
+        from ray.train import get_context
+
+        storage = get_context().get_storage()  # a DeveloperAPI: the run's filesystem and folder
+        fs, folder = storage.storage_filesystem, storage.experiment_fs_path
+        path = f"{folder.rstrip('/')}/{UNLOGGED_METRICS}"
+        fs.create_dir(folder)
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return path if fs.type_name == "local" else f"{fs.type_name}://{path}"
 
 
 PENDING_METRICS = "metrics_pending.json"
@@ -302,16 +421,24 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     schedules = TrainSchedules.from_config(spec.schedule, global_batch)
     total = spec.schedule.total_iters
 
+    from dino_ray.data.decode import SKIP_REASONS
+
+    resumed_skips = torch.zeros(len(SKIP_REASONS), dtype=torch.int64)
     buffer = _MetricBuffer(spec.tracking_uri, spec.run_id, enabled=rank == 0)
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            restored = _restore(d, members, objectives, rank)
+            restored = _restore(d, members, objectives, rank, resumed_skips)
             if restored != start_step:
                 raise RuntimeError(f"checkpoint {checkpoint.path} holds step {restored}, its name says {start_step}")
             pending = os.path.join(d, PENDING_METRICS)
             if os.path.exists(pending):
                 with open(pending) as f:
-                    buffer.restore([(int(step), m) for step, m in json.load(f)])
+                    saved = json.load(f)
+                # rows of this stage's MLflow run only: a run continued under a new config
+                # (--resume-from-checkpoint) is a new MLflow run, and the old run's rows belong to the old run
+                if isinstance(saved, list) or saved.get("run_id") == spec.run_id:
+                    rows = saved if isinstance(saved, list) else saved["rows"]
+                    buffer.restore([(int(step), m) for step, m in rows])
         log.info("rank %d resumed at step %d", rank, start_step)
 
     n_global, n_local = spec.data.crops.global_crops_number, spec.data.crops.local_crops_number
@@ -327,6 +454,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         buffer.add(step, row)
         watch.verdict(step, row, device)
     marks["loop_ready_at"] = time.time()
+    skips = resumed_skips  # images the stream replaced, by SKIP_REASONS (this rank's, since step 0)
     t_last, imgs_since = time.time(), 0
     first_step_at, first_step = None, start_step  # stage overhead and steady-state speed, for the summary
     monitor_s = 0.0  # time spent on monitor points after the first step (part of the steady-state time)
@@ -335,6 +463,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         if step >= total:
             break
         marks.setdefault("first_batch_at", time.time())
+        skips += batch.pop("skips").sum(0)
         crops = normalize_batch({k: v.to(device, non_blocking=True) for k, v in batch.items()}, spec.data.crops)
         masks = crops["masks"] if spec.masking else torch.ones_like(crops["masks"])
         apply_masks = spec.masking
@@ -351,7 +480,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                                  apply_masks=apply_masks)
             loss, terms = objective(s_out, targets, masks, n_global, n_local)
             if not _all_finite(loss):
-                buffer.flush()  # steps before this one are real; the bad one is not logged
+                buffer.close()  # steps before this one are real; the bad one is not logged
                 return {"final_step": step, "error": (
                     f"non-finite loss at step {step} (student {m.name}); training stopped and the last good "
                     f"checkpoint is kept. Lower schedule.base_lr or raise schedule.warmup_iters.")}
@@ -388,22 +517,25 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         if row:
             buffer.add(step, row)
         if (is_log or at_monitor) and watch.verdict(step, row, device):
-            _save_and_report(step, members, objectives, rank, {"step": step, **row}, buffer.rows)
-            buffer.flush()
+            _save_and_report(step, members, objectives, rank, {"step": step, **row}, buffer.rows, skips, spec.run_id)
+            buffer.close()
             return {"final_step": step, "alarms": watch.summary(), "collapse_stop": (
                 f"stopped at step {step} by a collapse alarm (train.on_collapse: stop); the checkpoint of this "
                 f"step is kept under the stage's ray_train folder. "
                 + " | ".join(a["message"] for a in watch.summary()))}
         if step % spec.train.checkpoint_every == 0 or step == total:
-            _save_and_report(step, members, objectives, rank, {"step": step, **metrics}, buffer.rows)
+            _save_and_report(step, members, objectives, rank, {"step": step, **metrics}, buffer.rows, skips, spec.run_id)
             buffer.flush()
     if step < total:
         raise RuntimeError(f"the input stream ended at step {step} of {total}")
 
     steady = time.time() - (first_step_at or time.time())
+    skipped = _skips_by_reason(skips, device)
     _export(spec, members, rank)
+    buffer.close()  # rank 0: a longer bounded wait for an unreachable MLflow, then the rows go to a file
     return {"final_step": step, "precision": precision.name, "precision_reason": precision.reason,
             "first_step_at": first_step_at, "startup_marks": marks, "alarms": watch.summary(), "monitor_s": monitor_s, "steady_s": steady,
+            "skipped_by_reason": skipped,
             "images_per_s": (step - first_step) * global_batch / steady if steady > 0 else None}
 
 
@@ -459,7 +591,7 @@ def _all_finite(loss: torch.Tensor) -> bool:
 
 
 def _save_and_report(step: int, members: list[_Member], objectives: list, rank: int, metrics: dict,
-                     pending: list[tuple[int, dict[str, float]]]) -> None:
+                     pending: list[tuple[int, dict[str, float]]], skips: torch.Tensor, run_id: str) -> None:
     import ray.train
     import torch.distributed as dist
     from ray.train import Checkpoint
@@ -467,11 +599,13 @@ def _save_and_report(step: int, members: list[_Member], objectives: list, rank: 
     with tempfile.TemporaryDirectory(prefix="dino_ray_ckpt_") as tmp:
         for m, objective in zip(members, objectives):
             m.engine.save_checkpoint(os.path.join(tmp, m.name, "ds"), tag="state",
-                                     client_state={"step": step, "objective": objective.state_dict()})
+                                     client_state={"step": step, "objective": objective.state_dict(),
+                                                   "skips": skips.tolist()})
             torch.save(m.ema_shards(), os.path.join(tmp, m.name, f"ema_rank{rank:05d}.pt"))
         if rank == 0 and pending:
             with open(os.path.join(tmp, PENDING_METRICS), "w") as f:
-                json.dump([[step_, {k: float(v) for k, v in m.items()}] for step_, m in pending], f)
+                json.dump({"run_id": run_id, "rows": [[step_, {k: float(v) for k, v in m.items()}]
+                                                      for step_, m in pending]}, f)
         if dist.is_initialized():
             dist.barrier()
         ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
@@ -486,7 +620,17 @@ def checkpoint_step(path: str) -> int:
     return int(name[5:])
 
 
-def _restore(ckpt_dir: str, members: list[_Member], objectives: list, rank: int) -> int:
+def _skips_by_reason(skips: torch.Tensor, device: torch.device) -> dict[str, int]:
+    """Every rank's stream skips, summed (a collective: all ranks call it), as {reason: count} without zeros."""
+    from dino_ray.data.decode import SKIP_REASONS
+
+    total = skips.to(device, copy=True)  # NCCL reduces device tensors only
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(total)
+    return {r: int(n) for r, n in zip(SKIP_REASONS, total.cpu().tolist()) if n}
+
+
+def _restore(ckpt_dir: str, members: list[_Member], objectives: list, rank: int, skips: torch.Tensor) -> int:
     step = 0
     from dino_ray.train.checkpoint_io import use_weights_only_loads
 
@@ -495,6 +639,8 @@ def _restore(ckpt_dir: str, members: list[_Member], objectives: list, rank: int)
         _, client = m.engine.load_checkpoint(os.path.join(ckpt_dir, m.name, "ds"), tag="state")
         step = int(client["step"])
         objective.load_state_dict(client["objective"])
+        saved = (client.get("skips") or [])[:len(skips)]  # older checkpoints have none
+        skips[:len(saved)] = torch.tensor(saved, dtype=torch.int64)
         shard_file = os.path.join(ckpt_dir, m.name, f"ema_rank{rank:05d}.pt")
         if not os.path.exists(shard_file):
             raise RuntimeError(f"{shard_file} missing: resuming needs the same number of workers as the run that "

@@ -7,25 +7,38 @@ both continue from the last reported checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
 from dino_ray import storage
-from dino_ray.pipeline import StageContext
+from dino_ray.pipeline import NonRetryableError, StageContext
+from dino_ray.stages import TRAIN_STATE
 from dino_ray.stages.ssl_stream import INDEX_FILE, write_index
 from dino_ray.stages.train_loop import LoopSpec, train_loop
 
 log = logging.getLogger("dino_ray.stages")
 
 
-def build_index(source: Any, index_uri: str) -> int:
+@dataclasses.dataclass(frozen=True)
+class TrainingIndex:
+    """The training images as listed once on the driver, and what the listing could not list."""
+
+    uri: str
+    n_images: int
+    unlisted: tuple[tuple[str, str], ...] = ()
+
+
+def build_index(source: Any, index_uri: str) -> TrainingIndex:
     """List the training images once (on the driver) in a fixed order every worker agrees on."""
     from dino_ray.data.sources import list_images
 
-    refs = list_images(source)
+    unlisted: list[tuple[str, str]] = []
+    refs = list_images(source, unlisted=unlisted)
     if not refs:
         raise ValueError(f"no images found at {source.uri}")
-    return write_index([r.uri for r in refs], index_uri, ids=[r.id for r in refs])
+    n = write_index([r.uri for r in refs], index_uri, ids=[r.id for r in refs])
+    return TrainingIndex(index_uri, n, tuple(unlisted))
 
 
 def training_source(stage: str, data_cfg: Any, ctx: StageContext, upstream: str | None) -> Any:
@@ -53,13 +66,14 @@ def run_training(spec: LoopSpec, ctx: StageContext) -> dict[str, Any]:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    check_resumable(ctx, spec.stage, spec.schedule.total_iters)
     ctx.ensure_ray()
     sc = spec.train.scaling
     gpu = use_gpu(sc.use_gpu)
     resources = {"CPU": sc.cpus_per_worker}
     if gpu:
         resources["GPU"] = sc.gpus_per_worker
-    fs, path = storage.filesystem(ctx.path("ray_train"))
+    fs, path = storage.filesystem(ctx.path(TRAIN_STATE))
     if not storage.is_remote(ctx.stage_dir):
         fs = None
     trainer = TorchTrainer(
@@ -90,7 +104,7 @@ def run_training(spec: LoopSpec, ctx: StageContext) -> dict[str, Any]:
     if value.get("collapse_stop"):
         raise CollapseError(f"{spec.stage}: {value['collapse_stop']}")
     if value.get("error"):
-        raise FloatingPointError(value["error"])
+        raise NonFiniteLossError(value["error"])
     value["timing"] = _timing(value, ctx)
     tracking.log_metrics(ctx.tracking_uri, ctx.run_id, value["timing"])
     if value.get("final_step") != spec.schedule.total_iters:
@@ -99,14 +113,43 @@ def run_training(spec: LoopSpec, ctx: StageContext) -> dict[str, Any]:
     return value
 
 
-class CollapseError(RuntimeError):
+class CollapseError(NonRetryableError):
     """A training stage stopped by a collapse alarm (``train.on_collapse: stop``)."""
 
 
-def alarm_summary(value: dict[str, Any]) -> dict[str, Any]:
-    """For the stage summary: how many collapse alarms fired, and which."""
+class NonFiniteLossError(NonRetryableError, FloatingPointError):
+    """The loss became NaN or infinite; the same config would diverge the same way."""
+
+
+def check_resumable(ctx: StageContext, stage: str, total_iters: int) -> None:
+    """A kept checkpoint (a retry, or ``--resume-from-checkpoint``) must not lie past the schedule's end."""
+    from dino_ray.stages.train_loop import checkpoint_step
+
+    names = [u.rstrip("/").rsplit("/", 1)[-1] for u in storage.list_children(storage.join(ctx.path(TRAIN_STATE),
+                                                                                          stage))]
+    steps = [checkpoint_step(n) for n in names if n.startswith("step_") and n[5:].isdigit()]
+    if steps and max(steps) > total_iters:
+        raise NonRetryableError(
+            f"{stage}: the checkpoint to resume from is at step {max(steps)}, past schedule.total_iters="
+            f"{total_iters}; raise total_iters, or run without --resume-from-checkpoint to start over")
+
+
+def stage_summary(value: dict[str, Any], index: TrainingIndex) -> dict[str, Any]:
+    """The summary every training stage reports: timing, collapse alarms, and the data it could not use
+    (files the listing could not list, images the stream skipped, by reason)."""
+    from dino_ray.data.sources import unlisted_summary
+
     alarms = value.get("alarms") or []
-    return {"collapse_alarms": len(alarms), **({"alarm_codes": ",".join(a["code"] for a in alarms)} if alarms else {})}
+    skipped = value.get("skipped_by_reason") or {}
+    out = {**value["timing"], "images": index.n_images, "steps": value["final_step"],
+           "collapse_alarms": len(alarms), **unlisted_summary(index.unlisted),
+           "skipped_images": sum(skipped.values()), **({"skipped_by_reason": skipped} if skipped else {})}
+    if alarms:
+        out["alarm_codes"] = ",".join(a["code"] for a in alarms)
+    if skipped:
+        log.warning("training stream skipped %d images: %s (the first are named in the data actors' log)",
+                    sum(skipped.values()), skipped)
+    return out
 
 
 def _timing(value: dict[str, Any], ctx: StageContext) -> dict[str, float]:
@@ -146,7 +189,5 @@ def log_backbone(ctx: StageContext, out_dir: str, student: str | None = None) ->
                                     max_bytes=int(ctx.job.tracking.max_model_gb * 2**30))
 
 
-def index_for(stage: str, data_cfg: Any, ctx: StageContext, upstream: str | None) -> tuple[str, int]:
-    index_uri = ctx.path(INDEX_FILE)
-    n = build_index(training_source(stage, data_cfg, ctx, upstream), index_uri)
-    return index_uri, n
+def index_for(stage: str, data_cfg: Any, ctx: StageContext, upstream: str | None) -> TrainingIndex:
+    return build_index(training_source(stage, data_cfg, ctx, upstream), ctx.path(INDEX_FILE))

@@ -89,7 +89,8 @@ class TrainingWatch:
 
         key = MONITOR_PICTURE_KEY if not self.prefixes[name] else f"{MONITOR_PICTURE_KEY}_{name}"
         try:
-            tracking.log_image_step(self.spec.tracking_uri, self.spec.run_id, png, key, step)
+            with tracking.bounded_requests():  # an unreachable MLflow must not hold training up for minutes
+                tracking.log_image_step(self.spec.tracking_uri, self.spec.run_id, png, key, step)
         except Exception:  # noqa: BLE001 - a picture must never stop training
             log.warning("could not log the monitor picture at step %d", step, exc_info=True)
 
@@ -117,8 +118,9 @@ class TrainingWatch:
         log.warning("%s collapse alarm: %s", self.spec.stage, alarm.message)
         Reporter.note(f"{self.spec.stage}: COLLAPSE ALARM ({alarm.code}) {alarm.message}")
         try:
-            tracking.set_tags(self.spec.tracking_uri, self.spec.run_id,
-                              {alarm.tag: alarm.message[:4900], "dino_ray.collapse_alarm": alarm.code})
+            with tracking.bounded_requests():  # the log line and the console carry it if MLflow is down
+                tracking.set_tags(self.spec.tracking_uri, self.spec.run_id,
+                                  {alarm.tag: alarm.message[:4900], "dino_ray.collapse_alarm": alarm.code})
         except Exception:  # noqa: BLE001 - the log line and the console already carry it
             log.warning("could not tag the MLflow run with alarm %s", alarm.code, exc_info=True)
 

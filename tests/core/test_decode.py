@@ -193,3 +193,53 @@ def test_skip_report_merge_caps_samples_and_rejects_unknown_reasons():
     assert merged.n_decoded + merged.n_skipped == merged.n_inputs
     with pytest.raises(ValueError, match="unknown skip reason"):
         SkipReport().add("corrupt", "x")
+
+
+def _encoded(array: np.ndarray, mode: str | None = None, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    (Image.fromarray(array, mode) if mode else Image.fromarray(array)).save(buf, fmt)
+    return buf.getvalue()
+
+
+def test_decode_memory_is_bounded_by_bytes_not_pixels():
+    """A 16-bit or RGBA image costs more memory per pixel than RGB: the budget counts bytes, from the header."""
+    from dino_ray.data.decode import decode_bytes_estimate
+
+    wide = _encoded(np.full((300, 300), 40000, np.uint16))  # PIL: mode I;16
+    rgb = _encoded(np.zeros((300, 300, 3), np.uint8))
+    budget = decode_bytes_estimate("RGB", 300, 300)
+    assert decode_image(rgb, max_bytes=budget).shape == (300, 300, 3)
+    with pytest.raises(DecodeError) as e:
+        decode_image(_encoded(np.zeros((300, 300, 4), np.uint8)), max_bytes=budget - 1)
+    assert e.value.reason == "too_large" and "max_bytes" in str(e.value)
+    assert decode_image(wide, max_bytes=decode_bytes_estimate("I;16", 300, 300)).shape == (300, 300, 3)
+
+
+@pytest.mark.parametrize("kind", ["rgba", "uint16", "float"])
+def test_wide_and_alpha_conversions_do_not_multiply_memory(kind):
+    """Peak numpy memory of one decode, per pixel: it was ~45 B (RGBA) and ~20 B (16-bit) in float64/float32
+    whole-image temporaries; converted in row strips it stays near the RGB output (3 B) plus small strips."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    side = 1200
+    if kind == "rgba":
+        data = _encoded(rng.integers(0, 255, (side, side, 4), dtype=np.uint8))
+    elif kind == "uint16":
+        data = _encoded(rng.integers(0, 65535, (side, side), dtype=np.uint16))
+    else:
+        data = _encoded(rng.random((side, side), dtype=np.float32), "F", "TIFF")
+    tracemalloc.start()
+    try:
+        out = decode_image(data)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert out.shape == (side, side, 3)
+    assert peak / side**2 < 7.0, f"{kind}: {peak / side**2:.1f} bytes of numpy temporaries per pixel"
+
+
+def test_float_images_scale_by_their_real_range_ignoring_nan():
+    a = np.array([[0.0, 2.0], [4.0, np.nan]], np.float32)
+    out = decode_image(_encoded(a, "F", "TIFF"), min_size=1)
+    assert out[..., 0].tolist() == [[0, 128], [255, 0]]  # min..max = 0..4; NaN becomes the minimum

@@ -119,7 +119,8 @@ def test_the_training_stream_decoder_counts_every_bad_file(fuzz_files, tmp_path)
         warnings.simplefilter("ignore")
         out = maker({"id": np.arange(n)})
     assert out["global_0"].shape == (n, 3, 16, 16)  # every position got an image
-    assert maker.skipped > 100  # each bad draw counted (a file drawn at several positions counts each time)
+    # each bad draw counted by reason (a file drawn at several positions counts each time)
+    assert out["skips"].shape == (n, len(SKIP_REASONS)) and out["skips"].sum() > 100
     used = {fuzz_files[i] for i in out["sample_index"]}
     assert all(u.endswith("_ok.png") or _decodes(u) for u in used)  # only images that decode were used
 

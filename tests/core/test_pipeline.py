@@ -246,3 +246,65 @@ def test_replaced_outputs_move_aside_on_s3_too(job, s3_bucket):
     assert not storage.exists(ckpt)
     kept = [u for u in storage.list_files(f"{job.output_root}/.replaced") if u.endswith("step_000000004/state.pt")]
     assert len(kept) == 1 and storage.read_bytes(kept[0]) == b"weights"
+
+
+def _nan_stage(job, ctx):
+    from dino_ray.pipeline import NonRetryableError
+
+    CALLS.append("t")
+    storage.write_bytes(ctx.path("ray_train", "t", "step_000000004", "state"), b"weights")
+    if job.a.fail:
+        raise NonRetryableError("non-finite loss at step 4")
+    out = ctx.path("teacher.txt")
+    storage.write_bytes(out, str(job.a.value).encode())
+    return StageResult(outputs={"data": out})
+
+
+TRAINING = {"a": StageSpec("a", _nan_stage, resumable=("ray_train",))}
+
+
+def test_a_non_retryable_failure_is_not_replayed_by_a_retried_job(job):
+    """A NaN replayed on fresh clusters by each RayJob retry: now the retry fails at once with the same message."""
+    job.stages, job.a.fail = ["a"], True
+    with pytest.raises(StageFailed, match="non-finite loss"):
+        Pipeline(job, TRAINING).run()
+    assert CALLS == ["t"]
+    with pytest.raises(StageFailed, match="already failed this way.*--force a"):
+        Pipeline(job, TRAINING).run()  # the retry of the same job: the stage is not run again
+    assert CALLS == ["t"]
+    with pytest.raises(StageFailed, match="non-finite loss at step 4$"):
+        Pipeline(job, TRAINING).run(force=["a"])  # asked for explicitly: it runs
+    assert CALLS == ["t", "t"]
+    job.a.fail, job.a.value = False, 2  # the fix: a new config runs, and the record of the failure goes
+    Pipeline(job, TRAINING).run()
+    assert CALLS == ["t", "t", "t"]
+    assert not os.path.exists(os.path.join(job.output_root, "a", "_failed.json"))
+
+
+def test_resume_from_checkpoint_keeps_training_state_and_moves_the_rest(job, caplog):
+    job.stages = ["a"]
+    Pipeline(job, TRAINING).run()
+    stage = os.path.join(job.output_root, "a")
+    job.a.value = 2  # e.g. a lower learning rate after a divergence
+    Pipeline(job, TRAINING).run(resume=["a"])
+    assert os.path.exists(os.path.join(stage, "ray_train", "t", "step_000000004", "state"))  # kept in place
+    aside = os.listdir(os.path.join(job.output_root, ".replaced"))
+    assert len(aside) == 1 and os.path.exists(os.path.join(job.output_root, ".replaced", aside[0], "teacher.txt"))
+    assert not os.path.exists(os.path.join(job.output_root, ".replaced", aside[0], "ray_train"))
+    assert "continuing from the last checkpoint" in caplog.text and "optimizer state" in caplog.text
+    job.a.value = 3  # without the flag a changed training stage starts over: its checkpoints move aside too
+    Pipeline(job, TRAINING).run()
+    second = sorted(set(os.listdir(os.path.join(job.output_root, ".replaced"))) - set(aside))
+    assert len(second) == 1 and os.path.isdir(os.path.join(job.output_root, ".replaced", second[0], "ray_train"))
+
+
+def test_resume_from_checkpoint_mistakes_fail_before_any_work(job):
+    job.stages = ["a", "b"]
+    registry = {**TRAINING, "b": StageSpec("b", _stage("b"), needs=lambda job: ["a"])}
+    with pytest.raises(ConfigError, match="no checkpoints under"):
+        Pipeline(job, registry).run(resume=["a"])
+    with pytest.raises(ConfigError, match="only training stages \\(a\\)"):
+        Pipeline(job, registry).run(resume=["b"])
+    with pytest.raises(ConfigError, match="contradict"):
+        Pipeline(job, registry).run(resume=["a"], force=["a"])
+    assert CALLS == []

@@ -208,3 +208,26 @@ def test_a_truncated_tar_shard_keeps_the_members_before_the_damage(tmp_path, jpe
     bad.write_bytes(data[:512 + len(jpegs[1]) + 1024 + 100])  # cut inside the second member
     ids = [r.id for r in list_images(SourceConfig(str(good.parent)))]  # used to raise tarfile.ReadError
     assert ids[:2] == ["a.tar/1.jpg", "b.tar/2.jpg"]  # the intact shard and the members before the cut
+
+
+def test_what_a_training_listing_could_not_list_reaches_the_stage_summary(tmp_path, jpegs):
+    """Listed once on the driver: unlisted entries (a dangling link, a damaged shard) are counted and named in
+    the summary that goes to the stage manifest and MLflow, next to the images the stream skipped."""
+    import os
+
+    from dino_ray.stages.training import build_index, stage_summary
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    _tar(shards / "a.tar", {"1.jpg": jpegs[0], "2.jpg": jpegs[1]})
+    data = (shards / "a.tar").read_bytes()
+    (shards / "a.tar").write_bytes(data[:512 + len(jpegs[0]) + 1024 + 100])  # cut inside the second member
+    _tar(shards / "b.tar", {"3.jpg": jpegs[2]})
+    os.symlink(shards / "gone.tar", shards / "c.tar")
+    index = build_index(SourceConfig(str(shards)), str(tmp_path / "index.parquet"))
+    assert index.n_images == 3  # a.tar: both headers were read before the damage (2.jpg is cut: a decode skip)
+    summary = stage_summary({"timing": {}, "final_step": 5, "skipped_by_reason": {"missing": 3}}, index)
+    assert summary["unlisted"] == 2
+    assert summary["unlisted_by_reason"] == {"broken_symlink": 1, "damaged_archive": 1}
+    assert any("a.tar" in s for s in summary["unlisted_samples"])
+    assert summary["skipped_images"] == 3 and summary["skipped_by_reason"] == {"missing": 3}

@@ -154,3 +154,43 @@ def test_broken_recipe_raises_the_collapse_alarm_and_stops_with_its_checkpoint(r
     assert history("collapse/cls_effective_rank")
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
     assert any("monitor_pca" in p for p in images), images
+
+
+def test_resume_from_checkpoint_continues_a_changed_schedule_and_counts_skipped_images(ray_session, cifar10_dir,
+                                                                                       tmp_path):
+    """After a change of schedule the user may continue instead of starting over; the stream's skipped images
+    (here: files that are not images) are counted in the summary, across the resume too."""
+    import shutil
+
+    import mlflow
+
+    from dino_ray.pipeline import StageFailed
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for src in sorted((cifar10_dir / "train" / "airplane").glob("*.jpg"))[:40]:
+        shutil.copy(src, images / src.name)
+    for i in range(8):
+        (images / f"bad_{i}.jpg").write_bytes(b"not a jpeg at all")
+    common = ("pretrain.train.checkpoint_every=2", "pretrain.train.batch_size_per_worker=8",
+              "pretrain.train.scaling.num_workers=1", "pretrain.train.log_every=1")
+    first = pretrain_job(tmp_path, images, "resume", *common, "pretrain.schedule.total_iters=4")
+    Pipeline(first, ensure_ray=lambda: None).run()
+    summary = storage.read_json(os.path.join(first.output_root, "pretrain", "_manifest.json"))["summary"]
+    assert summary["steps"] == 4 and summary["skipped_images"] > 0
+    assert set(summary["skipped_by_reason"]) == {"not_an_image"}
+
+    longer = pretrain_job(tmp_path, images, "resume", *common, "pretrain.schedule.total_iters=6",
+                          "pretrain.schedule.base_lr=0.0005")
+    Pipeline(longer, ensure_ray=lambda: None).run(resume=["pretrain"])
+    manifest = storage.read_json(os.path.join(longer.output_root, "pretrain", "_manifest.json"))
+    assert manifest["summary"]["steps"] == 6
+    assert manifest["summary"]["skipped_images"] >= summary["skipped_images"]  # counted since step 0
+    steps = [s for s, _ in metric_steps(longer, "total_loss")]
+    assert steps == [5, 6], steps  # continued at step 5: steps 1-4 were not trained again
+    run = mlflow.MlflowClient(longer.tracking.tracking_uri).get_run(manifest["mlflow_run_id"])
+    assert float(run.data.params["pretrain.schedule.base_lr"]) == 0.0005  # the new schedule is the run's
+
+    shorter = pretrain_job(tmp_path, images, "resume", *common, "pretrain.schedule.total_iters=3")
+    with pytest.raises(StageFailed, match="step 6, past schedule.total_iters=3"):
+        Pipeline(shorter, ensure_ray=lambda: None).run(resume=["pretrain"])
