@@ -4,7 +4,12 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -36,3 +41,64 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class RestartableMlflowServer:
+    """A real ``mlflow server`` that can be stopped and started again on the same port and store, as an
+    outage looks to a client: connections refused, then the same server with the same runs back."""
+
+    def __init__(self, root: Path):
+        self.root, self.port = root, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 120) -> None:
+        env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+        log = open(self.root / "server.log", "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
+             "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1",
+             "--port", str(self.port), "--workers", "1"],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {(self.root / 'server.log').read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.3)
+        raise RuntimeError(f"mlflow server did not start in {timeout} s")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=20)
+        self.proc = None
+
+
+def pipeline_in_thread(job, **run_kwargs):
+    """Start ``Pipeline(job).run()`` in a daemon thread (a test pokes at the run meanwhile: kills a worker,
+    stops a server); returns the thread and the list its exception, if any, lands in."""
+    import threading
+
+    from dino_ray.pipeline import Pipeline
+
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            Pipeline(job, ensure_ray=lambda: None).run(**run_kwargs)
+        except BaseException as e:  # noqa: BLE001 - surfaced by the test
+            errors.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)  # a failed assertion must not hang the session
+    thread.start()
+    return thread, errors

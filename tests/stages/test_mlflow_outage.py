@@ -6,11 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
-import subprocess
-import sys
-import threading
 import time
 import urllib.parse
 import urllib.request
@@ -21,50 +16,13 @@ import pytest
 from dino_ray.config.loader import load_job
 from dino_ray.pipeline import Pipeline, StageFailed, StageSpec
 from dino_ray.stages.train_loop import PENDING_METRICS, UNLOGGED_METRICS, _MetricBuffer
-from testlib import free_port
+from testlib import RestartableMlflowServer, free_port, pipeline_in_thread
 
 PRESET = Path(__file__).resolve().parents[1] / "presets" / "tiny.yaml"
 
 
-class MlflowServer:
-    """A real ``mlflow server`` that can be stopped and started again on the same port and store, as an
-    outage looks to a client: connections refused, then the same server with the same runs back."""
-
-    def __init__(self, root: Path):
-        self.root, self.port = root, free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 120) -> None:
-        env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-        log = open(self.root / "server.log", "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
-             "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1",
-             "--port", str(self.port), "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: {(self.root / 'server.log').read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.3)
-        raise RuntimeError(f"mlflow server did not start in {timeout} s")
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=20)
-        self.proc = None
+class MlflowServer(RestartableMlflowServer):
+    """The shared real server, plus a plain-REST metric query that polls safely while training runs."""
 
     def steps(self, run_id: str, key: str) -> list[int]:
         """The steps MLflow holds for ``key`` (plain REST with a short timeout: polled while training runs)."""
@@ -210,14 +168,6 @@ def test_pretrain_survives_an_mlflow_outage_and_logs_every_step_once(ray_session
                             # 48 steps are too few to get below ln(K): the collapse alarm would fire, and its
                             # MLflow tag (stages/watch.py) still waits out MLflow's default retries (minutes).
                             "pretrain.train.collapse.enabled=false"])
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            Pipeline(job, ensure_ray=lambda: None).run()
-        except BaseException as e:  # noqa: BLE001 - surfaced below
-            errors.append(e)
-
     stage_dir = Path(job.output_root) / "pretrain"
     ckpts = stage_dir / "ray_train" / "pretrain"
 
@@ -235,8 +185,7 @@ def test_pretrain_survives_an_mlflow_outage_and_logs_every_step_once(ray_session
         assert value, f"{what}: not seen before the stage ended or {timeout} s passed ({errors})"
         return value
 
-    thread = threading.Thread(target=run, daemon=True)  # a failed assertion must not hang the session
-    thread.start()
+    thread, errors = pipeline_in_thread(job)
     try:
         run_id = wait_for("the stage's MLflow run", lambda: _json(stage_dir / "_run.json").get("run_id"))
         wait_for("the first steps in MLflow", lambda: server.steps(run_id, "total_loss"))

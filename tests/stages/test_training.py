@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import threading
 import time
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 from dino_ray import backbone_io, storage
 from dino_ray.config.loader import load_job
 from dino_ray.pipeline import Pipeline
+from testlib import pipeline_in_thread
 
 pytestmark = pytest.mark.slow
 PRESET = Path(__file__).resolve().parents[1] / "presets" / "tiny.yaml"
@@ -74,16 +74,7 @@ def test_killed_worker_resumes_from_checkpoint_without_losing_or_repeating_steps
                        "pretrain.train.checkpoint_every=4", "pretrain.train.batch_size_per_worker=8",
                        "pretrain.train.scaling.num_workers=2", "pretrain.train.scaling.cpus_per_worker=0.5",
                        "pretrain.train.max_failures=2")
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            Pipeline(job, ensure_ray=lambda: None).run()
-        except BaseException as e:  # noqa: BLE001 - surfaced below
-            errors.append(e)
-
-    thread = threading.Thread(target=run)
-    thread.start()
+    thread, errors = pipeline_in_thread(job)
     first_ckpt = Path(job.output_root) / "pretrain" / "ray_train" / "pretrain" / "step_000000004"
     deadline = time.time() + 600
     while not first_ckpt.exists() and thread.is_alive() and time.time() < deadline:
