@@ -3,7 +3,7 @@
 One parent run per pipeline output root (re-running the same pipeline continues it), one nested
 run per stage (a retried stage with the same config continues its run, so step counters never go
 backwards), and one nested run per evaluated backbone inside the eval stage. Workers (rank 0 of a
-train loop, Tune trials) reattach to a run by id with :func:`attach`.
+train loop, Tune trials) write to a run by id through ``MlflowClient``.
 
 **An unreachable server.** MLflow's HTTP client retries a failed request with exponential backoff for
 minutes by default. That is right for the driver's own calls (a short server restart costs a pause),
@@ -193,18 +193,6 @@ def set_status_best_effort(tracking_uri: str, run_id: str, status: str) -> bool:
         log.warning("could not mark MLflow run %s as %s at %s (%s: %s)", run_id, status, redact_url(tracking_uri),
                     type(e).__name__, e)
         return False
-
-
-@contextlib.contextmanager
-def attach(tracking_uri: str, run_id: str) -> Iterator[Any]:
-    """Make ``run_id`` the active run in this process (a worker, a trial) and yield ``mlflow``."""
-    mlflow = fluent(tracking_uri)
-    active = mlflow.active_run()
-    if active is not None and active.info.run_id == run_id:
-        yield mlflow
-        return
-    with mlflow.start_run(run_id=run_id, nested=active is not None):
-        yield mlflow
 
 
 def log_params(tracking_uri: str, run_id: str, flat: Mapping[str, Any]) -> None:
