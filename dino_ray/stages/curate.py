@@ -59,7 +59,7 @@ def _embed(name: str, source: Any, embedder: BackboneRef, job: Any, ctx: StageCo
 
 def _bootstrap_embedder(job: Any, ctx: StageContext) -> str:
     """Train a small SSL backbone on the raw pool (same loop as pretrain) and return its export dir."""
-    from dino_ray.train.loop import LoopSpec, StudentSpec
+    from dino_ray.stages.train_loop import LoopSpec, StudentSpec
     from dino_ray.stages.training import index_for, run_training
 
     cfg = job.curate.embed

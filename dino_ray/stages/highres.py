@@ -10,7 +10,7 @@ import dataclasses
 
 from dino_ray.pipeline import StageContext, StageResult
 from dino_ray.stages import TRAIN_STATE
-from dino_ray.train.loop import LoopSpec, StudentSpec
+from dino_ray.stages.train_loop import LoopSpec, StudentSpec
 from dino_ray.stages.training import index_for, log_backbone, run_training, stage_summary
 
 

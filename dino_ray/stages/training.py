@@ -14,8 +14,8 @@ from typing import Any
 from dino_ray import storage
 from dino_ray.pipeline import NonRetryableError, StageContext
 from dino_ray.stages import TRAIN_STATE
-from dino_ray.data.ssl_stream import INDEX_FILE, write_index
-from dino_ray.train.loop import LoopSpec, train_loop
+from dino_ray.stages.ssl_stream import INDEX_FILE, write_index
+from dino_ray.stages.train_loop import LoopSpec, train_loop
 
 log = logging.getLogger("dino_ray.stages")
 
@@ -62,6 +62,7 @@ def use_gpu(setting: str) -> bool:
 
 def run_training(spec: LoopSpec, ctx: StageContext) -> dict[str, Any]:
     """Run ``train_loop`` on a Ray Train worker group; returns rank 0's return value."""
+    import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -122,7 +123,7 @@ class NonFiniteLossError(NonRetryableError, FloatingPointError):
 
 def check_resumable(ctx: StageContext, stage: str, total_iters: int) -> None:
     """A kept checkpoint (a retry, or ``--resume-from-checkpoint``) must not lie past the schedule's end."""
-    from dino_ray.train.train_state import checkpoint_step
+    from dino_ray.stages.train_loop import checkpoint_step
 
     names = [u.rstrip("/").rsplit("/", 1)[-1] for u in storage.list_children(storage.join(ctx.path(TRAIN_STATE),
                                                                                           stage))]
