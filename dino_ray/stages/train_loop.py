@@ -314,8 +314,8 @@ class _MetricBuffer:
             time.sleep(FINAL_FLUSH_PAUSE_S)
         if not self.rows:
             return None
-        data = json.dumps({"tracking_uri": self._where(), "run_id": self.run_id, "dropped": self.dropped,
-                           "rows": [[s, {k: float(v) for k, v in m.items()}] for s, m in self.rows]}).encode()
+        data = json.dumps({"tracking_uri": self._where(), "dropped": self.dropped,
+                           **self.payload(self.run_id, self.rows)}).encode()
         try:
             where = (save or self.save_next_to_checkpoints)(data)
         except Exception:  # noqa: BLE001 - see the docstring
@@ -327,6 +327,12 @@ class _MetricBuffer:
                     self._where(), wait_s, self._outage, len(self.rows), self.rows[0][0], self.rows[-1][0], where,
                     f" ({self.dropped} older rows were dropped)" if self.dropped else "")
         return where
+
+    @staticmethod
+    def payload(run_id: str, rows: list[tuple[int, dict[str, float]]]) -> dict[str, Any]:
+        """Rows as JSON-ready data, with the MLflow run they belong to (a checkpoint's ``PENDING_METRICS``,
+        the end-of-training file)."""
+        return {"run_id": run_id, "rows": [[step, {k: float(v) for k, v in m.items()}] for step, m in rows]}
 
     @staticmethod
     def save_next_to_checkpoints(data: bytes) -> str:
@@ -423,11 +429,11 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
 
     from dino_ray.data.decode import SKIP_REASONS
 
-    resumed_skips = torch.zeros(len(SKIP_REASONS), dtype=torch.int64)
+    skips = torch.zeros(len(SKIP_REASONS), dtype=torch.int64)  # images the stream replaced, by SKIP_REASONS
     buffer = _MetricBuffer(spec.tracking_uri, spec.run_id, enabled=rank == 0)
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            restored = _restore(d, members, objectives, rank, resumed_skips)
+            restored = _restore(d, members, objectives, rank, skips)
             if restored != start_step:
                 raise RuntimeError(f"checkpoint {checkpoint.path} holds step {restored}, its name says {start_step}")
             pending = os.path.join(d, PENDING_METRICS)
@@ -454,7 +460,6 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         buffer.add(step, row)
         watch.verdict(step, row, device)
     marks["loop_ready_at"] = time.time()
-    skips = resumed_skips  # images the stream replaced, by SKIP_REASONS (this rank's, since step 0)
     t_last, imgs_since = time.time(), 0
     first_step_at, first_step = None, start_step  # stage overhead and steady-state speed, for the summary
     monitor_s = 0.0  # time spent on monitor points after the first step (part of the steady-state time)
@@ -517,20 +522,23 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         if row:
             buffer.add(step, row)
         if (is_log or at_monitor) and watch.verdict(step, row, device):
-            _save_and_report(step, members, objectives, rank, {"step": step, **row}, buffer.rows, skips, spec.run_id)
+            _save_and_report(step, members, objectives, rank, {"step": step, **row}, buffer.rows, skips,
+                             spec.run_id, device)
             buffer.close()
             return {"final_step": step, "alarms": watch.summary(), "collapse_stop": (
                 f"stopped at step {step} by a collapse alarm (train.on_collapse: stop); the checkpoint of this "
                 f"step is kept under the stage's ray_train folder. "
                 + " | ".join(a["message"] for a in watch.summary()))}
         if step % spec.train.checkpoint_every == 0 or step == total:
-            _save_and_report(step, members, objectives, rank, {"step": step, **metrics}, buffer.rows, skips, spec.run_id)
+            _save_and_report(step, members, objectives, rank, {"step": step, **metrics}, buffer.rows, skips,
+                             spec.run_id, device)
             buffer.flush()
     if step < total:
         raise RuntimeError(f"the input stream ended at step {step} of {total}")
 
     steady = time.time() - (first_step_at or time.time())
-    skipped = _skips_by_reason(skips, device)
+    skipped = dict(zip(SKIP_REASONS, _summed_over_ranks(skips, device).tolist()))
+    skipped = {r: n for r, n in skipped.items() if n}
     _export(spec, members, rank)
     buffer.close()  # rank 0: a longer bounded wait for an unreachable MLflow, then the rows go to a file
     return {"final_step": step, "precision": precision.name, "precision_reason": precision.reason,
@@ -591,21 +599,23 @@ def _all_finite(loss: torch.Tensor) -> bool:
 
 
 def _save_and_report(step: int, members: list[_Member], objectives: list, rank: int, metrics: dict,
-                     pending: list[tuple[int, dict[str, float]]], skips: torch.Tensor, run_id: str) -> None:
+                     pending: list[tuple[int, dict[str, float]]], skips: torch.Tensor, run_id: str,
+                     device: torch.device) -> None:
     import ray.train
     import torch.distributed as dist
     from ray.train import Checkpoint
+
+    total_skips = _summed_over_ranks(skips, device).tolist()  # every rank saves at the same steps
 
     with tempfile.TemporaryDirectory(prefix="dino_ray_ckpt_") as tmp:
         for m, objective in zip(members, objectives):
             m.engine.save_checkpoint(os.path.join(tmp, m.name, "ds"), tag="state",
                                      client_state={"step": step, "objective": objective.state_dict(),
-                                                   "skips": skips.tolist()})
+                                                   "skips": total_skips})
             torch.save(m.ema_shards(), os.path.join(tmp, m.name, f"ema_rank{rank:05d}.pt"))
         if rank == 0 and pending:
             with open(os.path.join(tmp, PENDING_METRICS), "w") as f:
-                json.dump({"run_id": run_id, "rows": [[step_, {k: float(v) for k, v in m.items()}]
-                                                      for step_, m in pending]}, f)
+                json.dump(_MetricBuffer.payload(run_id, pending), f)
         if dist.is_initialized():
             dist.barrier()
         ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
@@ -620,14 +630,12 @@ def checkpoint_step(path: str) -> int:
     return int(name[5:])
 
 
-def _skips_by_reason(skips: torch.Tensor, device: torch.device) -> dict[str, int]:
-    """Every rank's stream skips, summed (a collective: all ranks call it), as {reason: count} without zeros."""
-    from dino_ray.data.decode import SKIP_REASONS
-
-    total = skips.to(device, copy=True)  # NCCL reduces device tensors only
+def _summed_over_ranks(counts: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``counts`` summed over every rank, on the CPU (a collective: all ranks call it)."""
+    total = counts.to(device, copy=True)  # NCCL reduces device tensors only
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(total)
-    return {r: int(n) for r, n in zip(SKIP_REASONS, total.cpu().tolist()) if n}
+    return total.cpu()
 
 
 def _restore(ckpt_dir: str, members: list[_Member], objectives: list, rank: int, skips: torch.Tensor) -> int:
@@ -639,7 +647,9 @@ def _restore(ckpt_dir: str, members: list[_Member], objectives: list, rank: int,
         _, client = m.engine.load_checkpoint(os.path.join(ckpt_dir, m.name, "ds"), tag="state")
         step = int(client["step"])
         objective.load_state_dict(client["objective"])
-        saved = (client.get("skips") or [])[:len(skips)]  # older checkpoints have none
+        # The checkpoint holds the sum over ranks (with ZeRO < 3 only rank 0's client state is written, and
+        # every rank reads it), so rank 0 alone takes it over and the others count from zero again.
+        saved = (client.get("skips") or [])[:len(skips)] if rank == 0 else []  # older checkpoints have none
         skips[:len(saved)] = torch.tensor(saved, dtype=torch.int64)
         shard_file = os.path.join(ckpt_dir, m.name, f"ema_rank{rank:05d}.pt")
         if not os.path.exists(shard_file):
