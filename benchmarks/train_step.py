@@ -4,11 +4,11 @@ What one step of the product costs on this machine, put two ways: against the pe
 the same ViT on the same crops, batch and loss (``--peer lightly``: is our step fast?), and against
 what this CPU's matrix units can do at all (how much is left?).
 
-Our step is the pretrain stage's step (``dino_ray/stages/train_loop.py``) built from the same modules,
+Our step is the pretrain stage's step (``dino_ray/train/loop.py``) built from the same modules,
 without Ray and DeepSpeed, which are a no-op for the presets' one worker at ZeRO stage 0: the preset's
 model (student with drop path, EMA teacher), parameter groups and AdamW, schedules, teacher forward on
 the global crops, packed student forward on all crops with iBOT masks, DINO + iBOT + KoLeo losses,
-backward, one global grad-norm clip at ``schedule.clip_grad`` (DeepSpeed's ``gradient_clipping``), EMA
+backward, a grad-norm clip of each part at ``schedule.clip_grad`` (as the product clips), EMA
 update. Precision is what the stage chooses (``dino_ray/train/precision.py``: bf16 autocast only where
 the CPU multiplies bf16 natively). Its input is real MultiCrop crops of CIFAR-10 JPEGs
 (``../shared/data``), made up front so the timing is the step alone; the speed is the median over the
@@ -104,7 +104,7 @@ def our_step(job, precision):
     import torch
 
     from dino_ray.data.multicrop import normalize_batch
-    from dino_ray.stages.train_loop import _build_ssl_model
+    from dino_ray.train.engines import build_ssl_model
     from dino_ray.train import precision as mixed
     from dino_ray.train.ema import ema_update_, matching_parameters
     from dino_ray.train.param_groups import apply_schedules, build_param_groups
@@ -113,7 +113,7 @@ def our_step(job, precision):
 
     cfg, sch = job.pretrain, job.pretrain.schedule
     torch.manual_seed(job.seed)
-    student = _build_ssl_model(cfg.model, cfg.loss, drop_path=True)
+    student = build_ssl_model(cfg.model, cfg.loss, drop_path=True)
     teacher = copy.deepcopy(student).requires_grad_(False).eval()
     opt = torch.optim.AdamW(build_param_groups(student, sch.layerwise_decay, sch.patch_embed_lr_mult,
                                                sch.weight_decay), betas=(0.9, 0.999))
@@ -134,8 +134,10 @@ def our_step(job, precision):
         loss, _ = objective(s_out, targets, masks, n_g, n_l)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if sch.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(student.parameters(), sch.clip_grad)
+        if sch.clip_grad > 0:  # per part, as the product clips (dino_ray/train/clipping.py)
+            for part in (student.backbone, student.dino_head, student.ibot_head):
+                if part is not None:
+                    torch.nn.utils.clip_grad_norm_(part.parameters(), sch.clip_grad)
         opt.step()
         ema_update_(t_params, s_params, v["mom"])
 

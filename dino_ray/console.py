@@ -25,6 +25,7 @@ import warnings
 from typing import Any, Callable, Iterable, Mapping, TextIO
 
 from dino_ray.evals.report import format_value
+from dino_ray.run_report import format_duration, load_report, results_table
 from dino_ray.progress import Note, Snapshot
 from dino_ray.tracking import redact_url
 
@@ -44,15 +45,6 @@ def configure_output(verbose: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------- formatting
-
-
-def format_duration(seconds: float) -> str:
-    s = int(round(seconds))
-    if s < 60:
-        return f"{max(s, 0)} s"
-    if s < 3600:
-        return f"{s // 60} min {s % 60} s"
-    return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
 def format_rate(rate: float, unit: str) -> str:
@@ -263,8 +255,6 @@ class Console:
                experiment_id: str | None = None) -> None:
         """The closing block: total time, the eval results (as ``dino-ray report`` shows them) unless the
         job had no eval stage (they would be of other backbones), where to look."""
-        from dino_ray.run_report import load_report, results_table
-
         self.say("dino-ray", f"finished in {format_duration(seconds)}")
         lines = [""]
         report = load_report(output_root)

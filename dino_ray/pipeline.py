@@ -17,8 +17,6 @@ A stage is a function ``run(cfg, ctx) -> StageResult`` named in the registry
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
 import logging
 import time
 import uuid
@@ -29,135 +27,19 @@ import yaml
 from dino_ray import storage, tracking
 from dino_ray.config.loader import config_hash
 from dino_ray.config.typed import ConfigError, flatten, to_dict
+from dino_ray.stage_records import (FAILURE_RECORD, MANIFEST, PIPELINE_RECORD, REPLACED, RUN_RECORD, known_failure,
+                                    name_of, read_manifest, read_record, refuse_foreign, replaceable, run_reason)
+from dino_ray.stages.contract import NonRetryableError, StageContext, StageResult, StageSpec
+
+__all__ = ["NonRetryableError", "Pipeline", "PipelineEvents", "StageContext", "StageFailed", "StageResult",
+           "StageSpec"]
 
 log = logging.getLogger("dino_ray.pipeline")
-
-MANIFEST = "_manifest.json"
-RUN_RECORD = "_run.json"
-FAILURE_RECORD = "_failed.json"  # a non-retryable failure of the stage under its key
-PIPELINE_RECORD = "_pipeline.json"
-
-
-@dataclasses.dataclass(frozen=True)
-class StageSpec:
-    """A registered stage: where its code is and which stages' outputs it reads for a given config."""
-
-    name: str
-    entry: str | Callable[..., "StageResult"]  # "package.module:function", imported only when the stage runs
-    needs: Callable[[Any], Sequence[str]] = lambda cfg: ()
-    # Sub-folders that survive a change of the stage's key (content-addressed caches); everything else
-    # in the stage folder is removed first, so a changed stage never resumes stale training state.
-    keep_on_change: tuple[str, ...] = ()
-    # Sub-folders that ``--resume-from-checkpoint`` keeps in place when the key changes (training state), so
-    # the new config continues from the old run's last checkpoint instead of starting over.
-    resumable: tuple[str, ...] = ()
-
-    def load(self) -> Callable[..., "StageResult"]:
-        if callable(self.entry):
-            return self.entry
-        module, _, fn = self.entry.partition(":")
-        return getattr(importlib.import_module(module), fn)
-
-
-@dataclasses.dataclass
-class StageResult:
-    outputs: dict[str, str]
-    summary: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-
-@dataclasses.dataclass
-class StageContext:
-    """What a stage gets from the runner: where to write, what upstream produced, where to log."""
-
-    stage: str
-    job: Any
-    stage_dir: str
-    upstream: dict[str, dict[str, str]]
-    tracking_uri: str
-    run_id: str
-    parent_run_id: str
-    ensure_ray: Callable[[], None]
-    started_at: float = dataclasses.field(default_factory=time.time)  # stage overhead is measured from here
-
-    def path(self, *parts: str) -> str:
-        return storage.join(self.stage_dir, *parts)
-
-    def input(self, stage: str, output: str) -> str:
-        try:
-            return self.upstream[stage][output]
-        except KeyError:
-            raise ConfigError(f"stage {self.stage} needs output {output!r} of stage {stage!r}, "
-                              f"which is not available (have: {self.upstream})") from None
-
 
 class StageFailed(RuntimeError):
     def __init__(self, stage: str, cause: BaseException):
         self.stage = stage
         super().__init__(f"stage {stage!r} failed: {type(cause).__name__}: {cause}")
-
-
-class NonRetryableError(RuntimeError):
-    """A failure that running the same config again would repeat (a NaN loss, a collapse stop, a checkpoint
-    past the schedule). Stages return these from the workers instead of raising there, so Ray Train does not
-    restart the worker group; the pipeline records them (``_failed.json``), so a retried job (a RayJob's
-    ``backoffLimit``, a re-submitted ``ray job``) fails in seconds with the same message instead of training
-    into the same failure on a fresh cluster."""
-
-
-def _known_failure(stage_dir: str, key: str) -> dict[str, Any] | None:
-    uri = storage.join(stage_dir, FAILURE_RECORD)
-    if not storage.exists(uri):
-        return None
-    record = storage.read_json(uri)
-    return record if record.get("key") == key else None
-
-
-REPLACED = ".replaced"  # under output_root: outputs of earlier configs of a stage, moved aside, never deleted
-
-
-def _name(uri: str) -> str:
-    return uri.rstrip("/").rsplit("/", 1)[-1]
-
-
-def _replaceable(spec: StageSpec, stage_dir: str) -> list[str]:
-    """The stage folder's children that a new config of the stage replaces (all but ``keep_on_change``)."""
-    return [u for u in storage.list_children(stage_dir) if _name(u) not in spec.keep_on_change]
-
-
-def _refuse_foreign(stage_dir: str, children: list[str], record: Mapping[str, Any]) -> None:
-    """A non-empty stage folder without our run record was not written by dino-ray: never touch it."""
-    if children and not record:
-        names = ", ".join(sorted(_name(u) for u in children)[:5])
-        raise ConfigError(f"{stage_dir} holds files dino-ray did not write ({names}); move them away or "
-                          "choose another output_root: a stage only replaces its own outputs", "output_root")
-
-
-def read_record(stage_dir: str) -> dict[str, Any]:
-    """The stage's ``_run.json`` (key and MLflow run of its latest attempt), or ``{}``."""
-    uri = storage.join(stage_dir, RUN_RECORD)
-    return storage.read_json(uri) if storage.exists(uri) else {}
-
-
-def run_reason(key: str, forced: bool, manifest: Mapping[str, Any] | None, record: Mapping[str, Any],
-               section_hash: str, tokens: Mapping[str, str]) -> str | None:
-    """Why a stage must run, in words for the console; ``None`` when its manifest is up to date.
-
-    A manifest with the same key is up to date. Without a manifest, a run record with the same key is a
-    failed (or killed) attempt that this run continues. A manifest with another key was written for
-    another config of this stage, or from outputs of upstream stages that have re-run since.
-    """
-    if forced:
-        return "forced (--force)"
-    if manifest is not None and manifest.get("key") == key:
-        return None
-    if manifest is None:
-        if record.get("key") == key:
-            return "resumed from a failed run"
-        return "config changed since a failed run" if record else "new"
-    rerun = sorted(up for up, token in tokens.items() if manifest.get("upstream_tokens", {}).get(up) != token)
-    if rerun and manifest.get("config_hash") == section_hash:
-        return f"input changed ({', '.join(rerun)} re-ran)"
-    return "config changed"
 
 
 class PipelineEvents:
@@ -174,17 +56,6 @@ class PipelineEvents:
 
     def stage_failed(self, name: str, error: BaseException, seconds: float) -> None:
         log.info("stage %s: failed after %.1f s", name, seconds)
-
-
-def read_manifest(stage_dir: str) -> dict[str, Any] | None:
-    uri = storage.join(stage_dir, MANIFEST)
-    if not storage.exists(uri):
-        return None
-    try:
-        return storage.read_json(uri)
-    except (ValueError, OSError):
-        log.warning("ignoring unreadable manifest %s", uri)
-        return None
 
 
 class Pipeline:
@@ -210,13 +81,20 @@ class Pipeline:
         return [s for s in self.registry if s in self.job.stages]
 
     def key(self, name: str, tokens: Mapping[str, str]) -> str:
-        section = getattr(self.job, name, None)
-        return config_hash({"stage": name, "config": to_dict(section, results_only=True), "seed": self.job.seed,
+        return config_hash({"stage": name, **self._config_read(name), "seed": self.job.seed,
                             "upstream": dict(sorted(tokens.items()))})
 
     def section_hash(self, name: str) -> str:
-        """The hash of what in the stage's own section decides its results (operational fields left out)."""
-        return config_hash(to_dict(getattr(self.job, name, None), results_only=True))
+        """The hash of the config that decides the stage's results (operational fields left out)."""
+        return config_hash(self._config_read(name))
+
+    def _config_read(self, name: str) -> dict[str, Any]:
+        """The stage's own section, and what it reads of other sections (``StageSpec.reads``)."""
+        out = {"config": to_dict(getattr(self.job, name, None), results_only=True)}
+        reads = self.registry[name].reads(self.job)
+        if reads:
+            out["reads"] = {k: to_dict(v, results_only=True) for k, v in sorted(reads.items())}
+        return out
 
     def check_inputs(self) -> None:
         """Fail before any cluster work when a stage reads a stage that neither ran nor will run."""
@@ -224,7 +102,7 @@ class Pipeline:
         for name in self.ordered():
             stage_dir = self.stage_dir(name)
             if not read_record(stage_dir):
-                _refuse_foreign(stage_dir, _replaceable(self.registry[name], stage_dir), {})
+                refuse_foreign(stage_dir, replaceable(self.registry[name], stage_dir), {})
             for up in self.registry[name].needs(self.job):
                 if up not in planned and read_manifest(self.stage_dir(up)) is None:
                     raise ConfigError(
@@ -277,7 +155,7 @@ class Pipeline:
                 self.events.stage_skipped(name, existing)
                 manifests[name] = existing
                 continue
-            failed = None if name in force else _known_failure(self.stage_dir(name), key)
+            failed = None if name in force else known_failure(self.stage_dir(name), key)
             if failed is not None:
                 raise StageFailed(name, NonRetryableError(
                     f"{failed['error']} [this config already failed this way at {failed['at']}; it was not run "
@@ -350,16 +228,16 @@ class Pipeline:
         record = read_record(stage_dir)
         if record.get("key") == key and not forced:
             return
-        children = _replaceable(spec, stage_dir)
+        children = replaceable(spec, stage_dir)
         if resume:
-            children = [u for u in children if _name(u) not in spec.resumable]
+            children = [u for u in children if name_of(u) not in spec.resumable]
             log.warning("stage %s: config changed; continuing from the last checkpoint in %s "
                         "(--resume-from-checkpoint): the weights, optimizer state, EMA teacher, centering and step "
                         "count are kept; the schedule and every other setting come from the new config",
                         spec.name, ", ".join(storage.join(stage_dir, f) for f in spec.resumable))
         if not children:
             return
-        _refuse_foreign(stage_dir, children, record)
+        refuse_foreign(stage_dir, children, record)
         base = storage.join(self.job.output_root, REPLACED,
                             f"{spec.name}-{record.get('key', 'unknown')}-{time.strftime('%Y%m%d-%H%M%S')}")
         aside, n = base, 1
@@ -367,7 +245,7 @@ class Pipeline:
             n += 1
             aside = f"{base}-{n}"
         for uri in children:
-            storage.move(uri, storage.join(aside, _name(uri)))
+            storage.move(uri, storage.join(aside, name_of(uri)))
         log.warning("stage %s: %s; its previous outputs were moved to %s (delete them when no longer needed)",
                     spec.name, "forced" if forced else "config changed", aside)
 

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from dino_ray import storage
-from dino_ray.console import format_duration
 from dino_ray.evals.report import format_value
 
 MANIFEST = "_manifest.json"  # the pipeline's name for a completed stage's record
@@ -29,6 +28,15 @@ STAGE_FIGURES = ("pool_files", "pool_skipped", "duplicates_removed", "decontamin
                  "images", "steps", "train_images_per_s", "stage_start_to_first_step_s", "monitor_share",
                  "collapse_alarms")
 
+
+
+def format_duration(seconds: float) -> str:
+    s = int(round(seconds))
+    if s < 60:
+        return f"{max(s, 0)} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 @dataclasses.dataclass
 class RunReport:
@@ -111,8 +119,24 @@ def verdict(report: RunReport, metric: str = "knn_k20_top1") -> str:
                          f"({_cell(best[metric])} vs {_cell(value)})")
         if parts:
             lines.append(f"{dataset}: the best trained backbone ({best.get('backbone')}) " + " and ".join(parts)
-                         + f" in {metric}.")
+                         + f" in {metric}." + _why_pixels_win(rows, best, metric))
     return "\n".join(lines)
+
+
+def _why_pixels_win(rows: list[dict[str, Any]], best: dict[str, Any], metric: str,
+                    linear: str = "linear_test_top1") -> str:
+    """When raw pixels win the neighbour metric, say what the other figures show about why (or nothing)."""
+    pixels = next((r for r in rows if r.get("backbone") == "pixels"), None)
+    if pixels is None or best[metric] >= pixels[metric]:
+        return ""
+    if best.get(linear) is not None and pixels.get(linear) is not None and best[linear] > pixels[linear]:
+        return (f" Why: its linear probe beats raw pixels' ({_cell(best[linear])} vs {_cell(pixels[linear])}), so"
+                " the features hold the class information, but their cosine neighbourhoods do not show it yet;"
+                " longer training moves the neighbours (docs/small-compute.md).")
+    return (" Why: raw pixels win when a dataset's images barely vary in position, scale and colour, so pixel"
+            " distances already separate its classes (as in small centred digits); a backbone trained for"
+            " minutes on CPU has learned less than that. Self-supervised features are made to ignore crops and"
+            " colour changes, which pays off on photographs with longer training (docs/small-compute.md).")
 
 
 def stages_table(report: RunReport) -> str:

@@ -9,7 +9,7 @@ train loop, Tune trials) write to a run by id through ``MlflowClient``.
 minutes by default. That is right for the driver's own calls (a short server restart costs a pause),
 wrong where a call sits in the training step path or in an error path: there it runs under
 :func:`bounded_requests` (no retry, a short timeout), the train loop keeps its metrics until the server
-answers again (``_MetricBuffer`` in :mod:`dino_ray.stages.train_loop`), and an error path records a
+answers again (``MetricBuffer`` in :mod:`dino_ray.train.metric_buffer`), and an error path records a
 failure with :func:`set_status_best_effort`, which never replaces the error being handled.
 """
 

@@ -28,10 +28,11 @@ def dino_pair_count(n_global: int, n_local: int) -> int:
     """Number of (student crop, teacher crop) pairs in the official DINOv2 normalisation."""
     if n_global < 1 or n_local < 0:
         raise ValueError(f"need n_global >= 1 and n_local >= 0, got n_global={n_global}, n_local={n_local}")
-    count = n_global * (n_global - 1) + n_global * n_local
-    if count == 0:
+    if n_global * (n_global - 1) + n_global * n_local == 0:
         raise ValueError("with a single global crop and no local crops there is no cross-view pair to learn from")
-    return count
+    # The official code counts at least one local term (max(n_local * n_global, 1)), so without local crops
+    # two global crops divide by 3, not by their 2 pairs.
+    return n_global * (n_global - 1) + max(n_global * n_local, 1)
 
 
 def student_log_probs(student_logits: Tensor, student_temp: float) -> Tensor:

@@ -187,7 +187,9 @@ class DinoVisionTransformer(nn.Module):
                 raise ValueError(f"masks must be a bool tensor of shape {(b, n)}, got "
                                  f"{masks.dtype} {tuple(masks.shape)}")
             tokens = torch.where(masks.unsqueeze(-1), self.mask_token.to(tokens.dtype).unsqueeze(0), tokens)
-        # cat promotes bf16 autocast patches to the fp32 of cls/pos-embed: the residual stream stays fp32.
+        # Under autocast with fp32 weights, cat promotes the bf16 patches to the fp32 of cls/pos-embed and the
+        # residual stream stays fp32. With bf16 weights (DeepSpeed bf16 under ZeRO-3 on GPU, like FSDP's bf16
+        # param_dtype in the official code) it is bf16.
         tokens = torch.cat([self.cls_token.expand(b, -1, -1), tokens], dim=1)
         tokens = tokens + self.pos_embed_for(rows, cols)
         if self.register_tokens is not None:

@@ -6,7 +6,9 @@ never pays for torch, DeepSpeed or faiss imports.
 
 from __future__ import annotations
 
-from dino_ray.pipeline import StageSpec
+import dataclasses
+
+from dino_ray.stages.contract import StageSpec
 
 TRAIN_STATE = "ray_train"  # a training stage's Ray Train run folder (checkpoints); see stages/training.py
 
@@ -32,11 +34,28 @@ def _eval_needs(job) -> list[str]:
     return [b for b in job.eval.backbones if b in ("pretrain", "highres", "distill")]
 
 
+def _curate_reads(job) -> dict:
+    """The bootstrap embedder (when curate trains its own) trains with pretrain's recipe."""
+    embed = job.curate.embed
+    if embed.checkpoint or not embed.bootstrap_iterations:
+        return {}
+    pre = job.pretrain
+    data = {f.name: getattr(pre.data, f.name) for f in dataclasses.fields(pre.data) if f.name != "source"}
+    return {"pretrain.data": data, "pretrain.loss": pre.loss, "pretrain.schedule": pre.schedule,
+            "pretrain.train": pre.train}
+
+
+def _eval_reads(job) -> dict:
+    """Eval decodes its images with curate's decode policy."""
+    return {"curate.decode": job.curate.decode}
+
+
 REGISTRY: dict[str, StageSpec] = {
     "curate": StageSpec("curate", "dino_ray.stages.curate:run", _curate_needs,
-                        keep_on_change=("bootstrap", "embeddings")),
+                        keep_on_change=("bootstrap", "embeddings"), reads=_curate_reads),
     "pretrain": StageSpec("pretrain", "dino_ray.stages.pretrain:run", _pretrain_needs, resumable=(TRAIN_STATE,)),
     "highres": StageSpec("highres", "dino_ray.stages.highres:run", _highres_needs, resumable=(TRAIN_STATE,)),
     "distill": StageSpec("distill", "dino_ray.stages.distill:run", _distill_needs, resumable=(TRAIN_STATE,)),
-    "eval": StageSpec("eval", "dino_ray.stages.eval:run", _eval_needs, keep_on_change=("features",)),
+    "eval": StageSpec("eval", "dino_ray.stages.eval:run", _eval_needs, keep_on_change=("features",),
+                      reads=_eval_reads),
 }

@@ -25,7 +25,7 @@ from dino_ray import backbone_io, feature_store, storage, tracking
 from dino_ray.config.loader import config_hash
 from dino_ray.data.decode import policy as decode_policy
 from dino_ray.data.sources import unlisted_summary
-from dino_ray.pipeline import StageContext, StageResult
+from dino_ray.stages.contract import StageContext, StageResult
 from dino_ray.stages.inference import BackboneRef, InferenceSpec, run_inference
 
 log = logging.getLogger("dino_ray.curate")
@@ -59,7 +59,7 @@ def _embed(name: str, source: Any, embedder: BackboneRef, job: Any, ctx: StageCo
 
 def _bootstrap_embedder(job: Any, ctx: StageContext) -> str:
     """Train a small SSL backbone on the raw pool (same loop as pretrain) and return its export dir."""
-    from dino_ray.stages.train_loop import LoopSpec, StudentSpec
+    from dino_ray.train.loop_spec import LoopSpec, StudentSpec
     from dino_ray.stages.training import index_for, run_training
 
     cfg = job.curate.embed

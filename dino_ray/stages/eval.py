@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from dino_ray import backbone_io, feature_store, model_registry, storage, tracking
-from dino_ray.pipeline import StageContext, StageResult
+from dino_ray.stages.contract import StageContext, StageResult
 from dino_ray.stages.inference import BackboneRef, InferenceSpec, run_inference
 
 log = logging.getLogger("dino_ray.eval")

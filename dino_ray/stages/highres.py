@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from dino_ray.pipeline import StageContext, StageResult
+from dino_ray.stages.contract import StageContext, StageResult
 from dino_ray.stages import TRAIN_STATE
-from dino_ray.stages.train_loop import LoopSpec, StudentSpec
+from dino_ray.train.loop_spec import LoopSpec, StudentSpec
 from dino_ray.stages.training import index_for, log_backbone, run_training, stage_summary
 
 

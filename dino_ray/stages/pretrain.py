@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dino_ray.pipeline import StageContext, StageResult
+from dino_ray.stages.contract import StageContext, StageResult
 from dino_ray.stages import TRAIN_STATE
-from dino_ray.stages.train_loop import LoopSpec, StudentSpec
+from dino_ray.train.loop_spec import LoopSpec, StudentSpec
 from dino_ray.stages.training import index_for, log_backbone, run_training, stage_summary
 
 

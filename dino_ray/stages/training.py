@@ -12,10 +12,11 @@ import logging
 from typing import Any
 
 from dino_ray import storage
-from dino_ray.pipeline import NonRetryableError, StageContext
+from dino_ray.stages.contract import NonRetryableError, StageContext
 from dino_ray.stages import TRAIN_STATE
-from dino_ray.stages.ssl_stream import INDEX_FILE, write_index
-from dino_ray.stages.train_loop import LoopSpec, train_loop
+from dino_ray.data.ssl_stream import INDEX_FILE, write_index
+from dino_ray.train.loop import train_loop
+from dino_ray.train.loop_spec import LoopSpec
 
 log = logging.getLogger("dino_ray.stages")
 
@@ -62,7 +63,6 @@ def use_gpu(setting: str) -> bool:
 
 def run_training(spec: LoopSpec, ctx: StageContext) -> dict[str, Any]:
     """Run ``train_loop`` on a Ray Train worker group; returns rank 0's return value."""
-    import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -123,7 +123,7 @@ class NonFiniteLossError(NonRetryableError, FloatingPointError):
 
 def check_resumable(ctx: StageContext, stage: str, total_iters: int) -> None:
     """A kept checkpoint (a retry, or ``--resume-from-checkpoint``) must not lie past the schedule's end."""
-    from dino_ray.stages.train_loop import checkpoint_step
+    from dino_ray.train.train_state import checkpoint_step
 
     names = [u.rstrip("/").rsplit("/", 1)[-1] for u in storage.list_children(storage.join(ctx.path(TRAIN_STATE),
                                                                                           stage))]
@@ -141,7 +141,10 @@ def stage_summary(value: dict[str, Any], index: TrainingIndex) -> dict[str, Any]
 
     alarms = value.get("alarms") or []
     skipped = value.get("skipped_by_reason") or {}
+    # resumed_at_step: the checkpoint step the finishing attempt started from (a worker restart or
+    # --resume-from-checkpoint), 0 when it ran from the start
     out = {**value["timing"], "images": index.n_images, "steps": value["final_step"],
+           "resumed_at_step": value.get("resumed_at_step", 0),
            "collapse_alarms": len(alarms), **unlisted_summary(index.unlisted),
            "skipped_images": sum(skipped.values()), **({"skipped_by_reason": skipped} if skipped else {})}
     if alarms:

@@ -69,8 +69,8 @@ class CosineSchedule:
             return 0.0
         it -= self.freeze_iters
         if it < self.warmup_iters:
-            if self.warmup_iters == 1:
-                return self.base_value
+            if self.warmup_iters == 1:  # the official np.linspace(start, base, 1) is [start]
+                return self.start_warmup_value
             frac = it / (self.warmup_iters - 1)
             return self.start_warmup_value + frac * (self.base_value - self.start_warmup_value)
         it -= self.warmup_iters
@@ -144,8 +144,8 @@ class ScheduleConfig:
     freeze_last_layer_iters: int = 1250  # head's last (prototype) layer gets lr 0 this long (1 epoch)
     layerwise_decay: float = 1.0  # lr multiplier decay per block from the top; 1.0 = off (0.9 in ViT-L/16 IN-1k)
     patch_embed_lr_mult: float = 0.2  # extra lr multiplier of the patch embedding
-    # max grad norm: one norm over the student (DeepSpeed's gradient_clipping); the official code clips each
-    # submodule, which measured the same on small models (docs/small-compute.md, R10)
+    # max gradient norm of each part of the student (backbone, DINO head, iBOT head), each clipped on its own
+    # as the official trainer does (train/clipping.py); 0 turns clipping off
     clip_grad: float = 3.0
 
     def __post_init__(self) -> None:

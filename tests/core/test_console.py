@@ -7,7 +7,8 @@ import io
 import pytest
 
 from dino_ray import progress
-from dino_ray.console import Console, LiveLine, format_duration, format_snapshot, key_figures, mlflow_hint
+from dino_ray.console import Console, LiveLine, format_snapshot, key_figures, mlflow_hint
+from dino_ray.run_report import format_duration
 from dino_ray.progress import Reporter, Snapshot
 
 

@@ -102,7 +102,7 @@ def test_the_inference_stage_decoder_counts_every_bad_file(fuzz_files):
 def test_the_training_stream_decoder_counts_every_bad_file(fuzz_files, tmp_path):
     from dino_ray.data.crop_config import MultiCropConfig
     from dino_ray.data.masking import MaskingConfig
-    from dino_ray.stages.ssl_stream import CropMaker, StreamSpec
+    from dino_ray.data.ssl_stream import CropMaker, StreamSpec
 
     pq.write_table(pa.table({"uri": fuzz_files}), tmp_path / "index.parquet")
     crops = MultiCropConfig(global_crops_size=16, local_crops_number=0, patch_size=4)

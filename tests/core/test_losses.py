@@ -194,7 +194,7 @@ def test_dino_loss_rejects_bad_configuration():
 
 def test_dino_pair_count_is_the_official_normaliser():
     assert dino_pair_count(2, 8) == 18
-    assert dino_pair_count(2, 0) == 2
+    assert dino_pair_count(2, 0) == 3  # official: max(n_local * n_global, 1) local terms, even with none
     with pytest.raises(ValueError):
         dino_pair_count(1, 0)
 

@@ -308,3 +308,42 @@ def test_resume_from_checkpoint_mistakes_fail_before_any_work(job):
     with pytest.raises(ConfigError, match="contradict"):
         Pipeline(job, registry).run(resume=["a"], force=["a"])
     assert CALLS == []
+
+
+def test_config_a_stage_reads_from_another_section_reruns_it(job):
+    """``StageSpec.reads``: c also reads a's section; changing it re-runs c even with a's output unchanged
+    (a is not c's upstream here)."""
+    registry = {**REGISTRY, "c": StageSpec("c", _stage("c"), needs=lambda job: ["b"],
+                                           reads=lambda job: {"a.value": job.a.value})}
+    Pipeline(job, registry).run()
+    CALLS.clear()
+    job.stages = ["b", "c"]
+    job.a.value = 5  # a is not in this job: only c's key sees the change
+    Pipeline(job, registry).run()
+    assert CALLS == ["c"]
+
+
+def test_the_product_stages_key_what_they_read_outside_their_section(tmp_path):
+    """curate's bootstrap embedder trains with pretrain's recipe; eval decodes with curate's decode policy."""
+    from dino_ray.config.loader import load_job
+    from pathlib import Path
+
+    images = tmp_path / "images"
+    images.mkdir()
+    preset = Path(__file__).resolve().parents[1] / "presets" / "tiny.yaml"
+
+    def keys(*overrides: str) -> dict[str, str]:
+        job = load_job(preset, [f"output_root={tmp_path / 'out'}", f"curate.pool.uri={images}", "stages=[curate, eval]",
+                                f"curate.eval_sets=[{{uri: {images}}}]",
+                                f"eval.datasets=[{{name: d, train: {{uri: {images}}}, test: {{uri: {images}}}}}]",
+                                "eval.backbones=[]", *overrides])
+        pipe = Pipeline(job)
+        return {name: pipe.key(name, {}) for name in ("curate", "eval")}
+
+    base = keys()
+    assert keys("curate.decode.min_size=3")["eval"] != base["eval"]
+    assert keys("pretrain.schedule.base_lr=0.01")["curate"] != base["curate"]  # bootstrap embedder's recipe
+    assert keys("pretrain.train.log_every=3") == base  # operational: no re-run
+    assert keys("pretrain.data.source.uri=/elsewhere")["curate"] == base["curate"]  # not what curate trains on
+    with_checkpoint = keys(f"curate.embed.checkpoint={images}")
+    assert keys(f"curate.embed.checkpoint={images}", "pretrain.schedule.base_lr=0.01") == with_checkpoint

@@ -47,7 +47,19 @@ def test_report_reads_manifests_in_stage_order(run_root):
     assert "| **total** | 3 min 36 s |" in text
     assert ("digits: the best trained backbone (pretrain) loses to raw pixels by 57.8 points (41.2 % vs 99.0 %) "
             "and loses to a randomly initialised ViT (the better of its CLS and pooled patches) by 7.3 points "
-            "(41.2 % vs 48.5 %) in knn_k20_top1.") in text
+            "(41.2 % vs 48.5 %) in knn_k20_top1. Why: raw pixels win when") in text
+
+
+def test_the_verdict_says_why_raw_pixels_win_from_the_linear_probe(run_root):
+    results = run_root / "eval" / "results.json"
+    rows = json.loads(results.read_text())
+    rows[1]["linear_test_top1"] = 0.36  # below the backbone's 38.5 %: the features know more than kNN shows
+    results.write_text(json.dumps(rows))
+    text = render(load_report(str(run_root)))
+    assert "Why: its linear probe beats raw pixels' (38.5 % vs 36.0 %)" in text
+    rows[0]["knn_k20_top1"] = 0.995  # the backbone wins: no explanation owed
+    results.write_text(json.dumps(rows))
+    assert "Why:" not in render(load_report(str(run_root)))
 
 
 def test_cli_report_updates_readme_between_markers(run_root, tmp_path, capsys):

@@ -41,6 +41,20 @@ def test_warmup_is_linear_and_includes_both_endpoints():
     assert s[6] < 2.0
 
 
+@pytest.mark.parametrize("warmup", [0, 1, 2, 7])
+def test_schedule_matches_the_official_numpy_construction(warmup):
+    """DINOv2's CosineScheduler: np.linspace for the warmup (one step of it is the start value, not the
+    peak), then the half cosine over the remaining iterations."""
+    import numpy as np
+
+    total, base, final, start = 20, 2.0, 0.1, 0.3
+    warm = np.linspace(start, base, warmup)
+    iters = np.arange(total - warmup)
+    official = np.concatenate((warm, final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / len(iters)))))
+    s = CosineSchedule(base, final, total_iters=total, warmup_iters=warmup, start_warmup_value=start)
+    assert [s[i] for i in range(total)] == pytest.approx(official.tolist())
+
+
 def test_freeze_prepends_zeros_and_delays_the_rest():
     s = CosineSchedule(1.0, 0.0, total_iters=10, warmup_iters=2, freeze_iters=3)
     assert [s[i] for i in range(4)] == [0.0, 0.0, 0.0, 0.0]  # frozen, then warmup starts from 0

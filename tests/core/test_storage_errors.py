@@ -47,7 +47,7 @@ def dead_s3(monkeypatch):
 def _crop_maker(tmp_path, uris):
     from dino_ray.data.crop_config import MultiCropConfig
     from dino_ray.data.masking import MaskingConfig
-    from dino_ray.stages.ssl_stream import CropMaker, StreamSpec
+    from dino_ray.data.ssl_stream import CropMaker, StreamSpec
 
     pq.write_table(pa.table({"uri": uris}), tmp_path / "index.parquet")
 

@@ -6,8 +6,8 @@ import threading
 
 import pytest
 
-from dino_ray.stages.ssl_stream import started_early
-from dino_ray.stages.train_loop import checkpoint_step
+from dino_ray.data.ssl_stream import started_early
+from dino_ray.train.train_state import checkpoint_step
 
 
 def test_the_first_batch_is_fetched_before_anyone_asks_and_order_is_kept():

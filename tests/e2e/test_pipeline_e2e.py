@@ -51,8 +51,13 @@ def check_outputs(job, manifests) -> dict:
     backbones = {r["backbone"] for r in results}
     assert backbones == {"pretrain", "highres", "distill/vit_mini", "distill/vit_micro", "random", "pixels"}
     for row in results:
-        assert 0.0 <= row["knn_k20_top1"] <= 1.0
         assert row["linear_test_top1"] > 0.1  # ten classes: above chance even for random features
+    by_name = {r["backbone"]: r for r in results}
+    # Twelve steps do not move kNN past the random init (the margin is pinned by tests/stages/test_eval_cifar.py
+    # at 300 steps), but they must change the features: the random baseline is the same ViT with the same
+    # seed, so an export of untrained weights gives it exactly.
+    for name in ("pretrain", "highres"):
+        assert by_name[name]["retrieval_mAP"] != by_name["random"]["retrieval_mAP"], (name, results)
     return {r["backbone"]: r for r in results}
 
 
@@ -81,7 +86,8 @@ def test_whole_pipeline_local_then_skip_then_partial_rerun(ray_session, demo_dat
     assert {m.name for m in client.search_registered_models()} == registered
     [pretrain_version] = client.search_model_versions(f"name = '{job.tracking.experiment}-pretrain'")
     assert pretrain_version.run_id == pretrain_run.info.run_id
-    assert 0.0 <= float(pretrain_version.tags["eval.digits.knn_k20_top1"]) <= 1.0  # tagged by the eval stage
+    # tagged by the eval stage with the eval's own figure
+    assert float(pretrain_version.tags["eval.digits.knn_k20_top1"]) == pytest.approx(rows["pretrain"]["knn_k20_top1"])
     artifacts = {a.path for a in client.list_artifacts(eval_run.info.run_id)}
     assert "comparison.md" in artifacts and "pictures" in artifacts
 

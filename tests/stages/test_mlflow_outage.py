@@ -15,7 +15,7 @@ import pytest
 
 from dino_ray.config.loader import load_job
 from dino_ray.pipeline import Pipeline, StageFailed, StageSpec
-from dino_ray.stages.train_loop import PENDING_METRICS, UNLOGGED_METRICS, _MetricBuffer
+from dino_ray.train.metric_buffer import PENDING_METRICS, UNLOGGED_METRICS, MetricBuffer
 from testlib import RestartableMlflowServer, free_port, pipeline_in_thread
 
 PRESET = Path(__file__).resolve().parents[1] / "presets" / "tiny.yaml"
@@ -60,7 +60,7 @@ def test_flush_to_an_unreachable_server_is_quick_keeps_the_newest_rows_and_warns
     """Nothing listens on the port: MLflow's default retries would hold each flush for minutes and then
     raise; the buffer's flush returns False at once, keeps the rows up to its bound and warns once."""
     uri = f"http://127.0.0.1:{free_port()}"
-    buffer = _MetricBuffer(uri, "0" * 32, enabled=True, max_rows=5)
+    buffer = MetricBuffer(uri, "0" * 32, enabled=True, max_rows=5)
     caplog.set_level(logging.INFO)
     for step in (1, 2, 3):
         buffer.add(step, _row(step))
@@ -106,7 +106,7 @@ def test_rows_held_through_an_outage_are_logged_once_when_the_server_returns(res
     caplog.set_level(logging.INFO)
     client = mlflow.MlflowClient(server.uri)
     run_id = client.create_run(client.create_experiment("outage-unit")).info.run_id
-    buffer = _MetricBuffer(server.uri, run_id, enabled=True)
+    buffer = MetricBuffer(server.uri, run_id, enabled=True)
     for step in range(1, 5):
         buffer.add(step, _row(step))
     buffer.flush()
@@ -117,7 +117,7 @@ def test_rows_held_through_an_outage_are_logged_once_when_the_server_returns(res
         buffer.add(step, _row(step))
     assert buffer.flush() is False
     # A restarted worker resumes from a checkpoint whose rows 3..6 were (partly) logged before it died.
-    resumed = _MetricBuffer(server.uri, run_id, enabled=True)
+    resumed = MetricBuffer(server.uri, run_id, enabled=True)
     resumed.restore([(s, _row(s)) for s in range(3, 7)])
     assert [s for s, _ in resumed.rows] == [3, 4, 5, 6]
 
@@ -166,7 +166,7 @@ def test_pretrain_survives_an_mlflow_outage_and_logs_every_step_once(ray_session
                             "pretrain.train.scaling.num_workers=1", "pretrain.train.max_failures=0",
                             "pretrain.train.keep_checkpoints=100",
                             # 48 steps are too few to get below ln(K): the collapse alarm would fire, and its
-                            # MLflow tag (stages/watch.py) still waits out MLflow's default retries (minutes).
+                            # MLflow tag (train/watch.py) still waits out MLflow's default retries (minutes).
                             "pretrain.train.collapse.enabled=false"])
     stage_dir = Path(job.output_root) / "pretrain"
     ckpts = stage_dir / "ray_train" / "pretrain"
