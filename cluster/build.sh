@@ -26,7 +26,7 @@ die() {
   exit 1
 }
 
-# The project image the manifests use now (cluster_check keeps them all equal to this one).
+# The project image the manifests use now (tools/check_cluster.py keeps them all equal to this one).
 current_image() {
   sed -n 's/^ *image: &image \([^ ]*\).*/\1/p' cluster/raycluster.yaml | head -n 1
 }
@@ -98,4 +98,4 @@ fi
 [ -n "$digest" ] || die "pushed $image but could not read its digest; pin it yourself: cluster/build.sh --pin $image@sha256:..."
 pin "$image@$digest"
 pin_postgres
-echo "next: python -m dino_ray.cluster_check cluster/   (cluster/README.md, step 2)"
+echo "next: python tools/check_cluster.py cluster/   (cluster/README.md, step 2)"
