@@ -102,3 +102,38 @@ def pipeline_in_thread(job, **run_kwargs):
     thread = threading.Thread(target=run, daemon=True)  # a failed assertion must not hang the session
     thread.start()
     return thread, errors
+
+
+def encode(img, fmt: str, **kwargs) -> bytes:
+    """A PIL image encoded as ``fmt`` (PNG, JPEG, TIFF ...): real bytes for decoders to read."""
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+def png_header_only(width: int, height: int, color_type: int = 2) -> bytes:
+    """A PNG whose header claims ``width x height`` (8-bit; ``color_type`` 0 gray, 2 RGB) but whose pixel data
+    is a few bytes: what a decompression bomb or a cut-off download looks like to a decoder."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def write_tar(path: Path, members: dict[str, bytes]) -> Path:
+    """A tar archive at ``path`` holding ``members`` (name -> bytes), in that order."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path

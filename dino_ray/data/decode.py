@@ -2,8 +2,9 @@
 
 Web-scale image pools always contain files that are empty, not images, cut off mid-download,
 enormous (decompression bombs), tiny, or in exotic pixel modes. One bad file must never stop a
-pipeline, and every skipped file must be accounted for: ``decode_batch`` therefore keeps every row
-and tags it with a ``skip_reason``, and ``SkipReport`` turns those tags into exact counts.
+pipeline, and every skipped file must be accounted for: each failure is one ``DecodeError`` whose
+``reason`` the callers count (``stages/inference.py``: a ``skip_reason`` per row of the feature shards;
+``data/ssl_stream.py``: a ``skips`` count per reason, summed into the training stage's summary).
 
 Choices, stated once:
 - Alpha is composited on WHITE, not dropped. Transparent web images (logos, product shots) are
@@ -21,10 +22,9 @@ Choices, stated once:
 from __future__ import annotations
 
 import io
-import json
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -264,121 +264,3 @@ def _decode(data: bytes, draft_size: int | None, max_pixels: int, min_size: int,
         warnings.simplefilter("ignore")
         rgb = _to_rgb(_orient(img))
     return np.ascontiguousarray(rgb)
-
-
-@dataclass
-class SkipReport:
-    """Exact accounting of a decode pass: ``n_decoded + n_skipped == n_inputs`` always holds."""
-
-    n_inputs: int = 0
-    n_decoded: int = 0
-    counts: dict[str, int] = field(default_factory=dict)
-    # Up to ``max_samples`` URIs per reason, in the order they were met, to go and look at.
-    samples: dict[str, list[str]] = field(default_factory=dict)
-    max_samples: int = 20
-
-    @property
-    def n_skipped(self) -> int:
-        return sum(self.counts.values())
-
-    def add(self, reason: str, uri: str) -> None:
-        """Record one input: ``reason == ""`` means it decoded."""
-        self.n_inputs += 1
-        if not reason:
-            self.n_decoded += 1
-            return
-        if reason not in SKIP_REASONS:
-            raise ValueError(f"unknown skip reason {reason!r} for {uri!r}; expected one of {SKIP_REASONS}")
-        self.counts[reason] = self.counts.get(reason, 0) + 1
-        bucket = self.samples.setdefault(reason, [])
-        if len(bucket) < self.max_samples:
-            bucket.append(uri)
-
-    @classmethod
-    def from_columns(cls, reasons, uris, max_samples: int = 20) -> "SkipReport":
-        report = cls(max_samples=max_samples)
-        for reason, uri in zip(reasons, uris):
-            report.add(str(reason), str(uri))
-        return report
-
-    def merge(self, other: "SkipReport") -> "SkipReport":
-        """A new report covering both inputs; sample lists are concatenated, then capped."""
-        out = SkipReport(self.n_inputs + other.n_inputs, self.n_decoded + other.n_decoded,
-                         dict(self.counts), {k: list(v) for k, v in self.samples.items()}, self.max_samples)
-        for reason, n in other.counts.items():
-            out.counts[reason] = out.counts.get(reason, 0) + n
-        for reason, uris in other.samples.items():
-            bucket = out.samples.setdefault(reason, [])
-            bucket.extend(uris[: max(0, out.max_samples - len(bucket))])
-        return out
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SkipReport":
-        return cls(d["n_inputs"], d["n_decoded"], dict(d["counts"]), {k: list(v) for k, v in d["samples"].items()})
-
-    def to_dict(self) -> dict:
-        return {"n_inputs": self.n_inputs, "n_decoded": self.n_decoded, "n_skipped": self.n_skipped,
-                "counts": dict(sorted(self.counts.items())), "samples": {k: list(v) for k, v in self.samples.items()}}
-
-
-def _placeholder() -> np.ndarray:
-    # Bad rows still need an image cell of the same rank so the column stays one tensor type.
-    return np.zeros((1, 1, 3), dtype=np.uint8)
-
-
-def decode_batch(batch: dict[str, np.ndarray], cfg: DecodeConfig | None = None) -> dict[str, np.ndarray]:
-    """Decode a numpy batch of rows ``{id, uri, label, bytes}`` for Ray Data ``map_batches``.
-
-    Every input row comes out (so counts stay exact): ``image`` holds the decoded array for good
-    rows and a 1x1 placeholder for bad ones, ``skip_reason`` is "" for good rows. Rows that arrive
-    with a non-empty ``skip_reason`` (e.g. a manifest entry that could not be read) keep it. The
-    raw ``bytes`` column is dropped here so encoded data is not carried further down the pipeline.
-    """
-    cfg = cfg or DecodeConfig()
-    n = len(batch["bytes"])
-    earlier = batch.get("skip_reason", [""] * n)
-    images = np.empty(n, dtype=object)
-    reasons = np.empty(n, dtype=object)
-    for i, data in enumerate(batch["bytes"]):
-        if earlier[i]:
-            images[i], reasons[i] = _placeholder(), str(earlier[i])
-            continue
-        try:
-            images[i] = decode_image(_as_bytes(data), cfg.draft_size, cfg.max_pixels, cfg.min_size, cfg.max_bytes)
-            reasons[i] = ""
-        except DecodeError as e:
-            images[i], reasons[i] = _placeholder(), e.reason
-        except Exception:  # noqa: BLE001 - a decoder bug on one file must not kill the batch
-            images[i], reasons[i] = _placeholder(), "other"
-    out = {k: v for k, v in batch.items() if k not in ("bytes", "skip_reason")}
-    out["image"] = images
-    out["skip_reason"] = reasons.astype(str) if n else np.array([], dtype=str)
-    return out
-
-
-def report_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """One row per batch holding the JSON of its SkipReport (merged on the driver by ``merge``)."""
-    report = SkipReport.from_columns(batch["skip_reason"], batch["uri"])
-    return {"report": np.array([json.dumps(report.to_dict())], dtype=object)}
-
-
-def keep_decoded(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Only the rows of a ``decode_batch`` output that decoded, without the ``skip_reason`` column."""
-    good = np.asarray([r == "" for r in batch["skip_reason"]], dtype=bool)
-    return {k: _take(v, good) for k, v in batch.items() if k != "skip_reason"}
-
-
-def _take(column, mask: np.ndarray):
-    if isinstance(column, np.ndarray):
-        return column[mask]
-    return [x for x, keep in zip(column, mask) if keep]
-
-
-def _as_bytes(data) -> bytes:
-    if data is None:
-        return b""
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        return bytes(data)
-    if isinstance(data, np.ndarray):
-        return data.tobytes()
-    raise TypeError(f"expected encoded image bytes, got {type(data).__name__}")

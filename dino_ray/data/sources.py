@@ -1,102 +1,49 @@
-"""Where images come from: folders (local or s3://), ImageFolder trees, parquet bytes, tar archives, manifests.
+"""Where images come from: folders (local or s3://), ImageFolder trees, tar archives, parquet files of image
+bytes, and manifests (parquet with a column of image URIs).
 
-Every source turns into rows ``{id: str, uri: str, label: int, bytes: bytes}``:
+The one data path of every stage: ``list_images`` turns a source into refs ``ImageRef(id, uri, label)``, and
+``read_image_bytes(ref.uri)`` gives one image's encoded bytes (training's ``data/ssl_stream.py``, curate's and
+eval's ``stages/inference.py``, the training monitor).
 - ``id`` is stable across runs and machines: the path relative to the source root for folders;
-  ``<member>`` (or ``<shard>/<member>`` when there are several archives) for tar; the
-  ``id_column`` value (else a content hash ``sha1:<16 hex>``) for parquet; the ``id_column`` value
-  (else the image URI) for manifests.
-- ``uri`` says where to look at the file: the file URI, ``<archive>#<member>``, ``<parquet>#<id>``.
+  ``<member>`` (or ``<shard>/<member>`` when there are several archives) for tar; the ``id_column`` value
+  (else ``<file>#<row>``, the file relative to the source root) for parquet; the ``id_column`` value (else
+  the image URI) for manifests.
+- ``uri`` says where the bytes are: the file's URI, ``<archive>#<member>`` for a tar member, or
+  ``<file.parquet>#row=<i>&column=<image column>`` for a parquet row (``data/archives.py``).
 - ``label`` is a class index (-1 when unknown): sorted folder names for ImageFolder trees, or the
   label column (integers as they are, strings mapped to their index in sorted order).
 
-``max_images`` takes a deterministic subset: a uniform sample of N ids drawn with
-``subset_seed`` from the sorted id list, returned in sorted order. It therefore keeps classes
-balanced in expectation, and the same (source, N, seed) always gives the same images.
+Refs come sorted by id, except parquet rows, which keep file and row order: a row read costs its whole row
+group, and in that order consecutive images share one.
 
-Pure module (pyarrow / tarfile / ``dino_ray.storage``); the Ray Data readers (``dino_ray.ray_data``
-with the batch adapters of ``row_batches``) reuse the helpers below so both paths produce
-identical rows.
+``max_images`` takes a deterministic subset: a uniform sample of N ids drawn with
+``subset_seed`` from the sorted id list. It therefore keeps classes balanced in expectation, and the same
+(source, N, seed) always gives the same images.
+
+Pure module (pyarrow and ``dino_ray.storage``); the readers of tar members and parquet rows are in
+``dino_ray.data.archives``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import logging
 import posixpath
-import tarfile
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from dino_ray import storage
-
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
-FORMATS = ("auto", "folder", "imagefolder", "parquet", "tar", "manifest")
-TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-
-
-@dataclass
-class SourceConfig:
-    """One image collection and how to read it."""
-
-    # Local folder, s3://bucket/prefix, a .parquet file or folder of them, a .tar archive (or a
-    # folder of .tar shards), or a curated manifest (parquet with a column of image URIs).
-    uri: str
-    # "auto" infers: image files present -> "folder" ("imagefolder" with labels_from_folders);
-    # else parquet -> "manifest" if the schema has ``uri_column`` but not ``image_column``, else
-    # "parquet"; else .tar archives -> "tar".
-    format: str = "auto"
-    # Parquet: column with encoded image bytes (binary, or a struct with a "bytes" field as written
-    # by Hugging Face datasets).
-    image_column: str = "image"
-    # Parquet / manifest: integer or string class column; None = no labels (-1).
-    label_column: str | None = None
-    # Parquet / manifest: column with stable row ids; None = content hash / the URI.
-    id_column: str | None = None
-    # Manifest: column with image URIs (absolute, s3://, or relative to the manifest's folder).
-    uri_column: str = "uri"
-    # File name extensions that count as images (case-insensitive) for folders and tar archives.
-    extensions: tuple[str, ...] = IMAGE_EXTENSIONS
-    # Deterministic subset size (see module doc); None = everything.
-    max_images: int | None = None
-    subset_seed: int = 0
-    # Folder / tar: class = name of the file's parent folder (root/<class>/<file>). Implied by
-    # format="imagefolder".
-    labels_from_folders: bool = False
-
-    def validate(self, check_exists: bool = False) -> "SourceConfig":
-        """Static checks; ``check_exists`` also requires ``uri`` to be set and to exist (I/O).
-
-        Config loading validates without I/O: a job file may name a bucket only the cluster can
-        reach, or leave ``uri`` empty for the pipeline to fill in with an upstream stage's output.
-        """
-        if not isinstance(self.uri, str):
-            raise ValueError(f"SourceConfig.uri must be a string, got {self.uri!r}")
-        if self.format not in FORMATS:
-            raise ValueError(f"SourceConfig.format={self.format!r} is not one of {FORMATS}")
-        if check_exists and not self.uri:
-            raise ValueError("SourceConfig.uri is empty: set it to a folder, s3:// prefix, parquet or tar file")
-        if check_exists and not storage.exists(self.uri):
-            raise FileNotFoundError(f"SourceConfig.uri={self.uri!r} does not exist")
-        if self.max_images is not None and self.max_images < 1:
-            raise ValueError(f"SourceConfig.max_images must be None or >= 1, got {self.max_images}")
-        if not self.extensions:
-            raise ValueError("SourceConfig.extensions must not be empty")
-        return self
-
-    @property
-    def wants_folder_labels(self) -> bool:
-        return self.labels_from_folders or self.format == "imagefolder"
+from dino_ray.data import archives
+from dino_ray.data.archives import TAR_SUFFIXES, is_tar, read_column
+from dino_ray.data.source_config import SourceConfig
 
 
 @dataclass(frozen=True)
 class ImageRef:
-    """One image file: its stable id, where it lives, and its class index (-1 = none)."""
+    """One image: its stable id, the URI of its bytes (a file, tar member or parquet row), its class index
+    (-1 = none)."""
 
     id: str
     uri: str
@@ -115,7 +62,7 @@ class Listing:
 
     format: str
     files: tuple[str, ...]  # file URIs, sorted (a single-file source lists itself)
-    root: str  # ids of folder / tar sources are relative to this
+    root: str  # ids of folder, tar and parquet sources are relative to this
     # what could not be listed, as (name, reason): logged by scan() as a warning, never silently dropped
     unlisted: tuple[tuple[str, str], ...] = ()
 
@@ -123,10 +70,6 @@ class Listing:
 def has_extension(name: str, extensions: Iterable[str]) -> bool:
     suffix = posixpath.splitext(name)[1].lower().lstrip(".")
     return suffix in {e.lower().lstrip(".") for e in extensions}
-
-
-def is_tar(name: str) -> bool:
-    return name.lower().endswith(TAR_SUFFIXES)
 
 
 def path_of(uri: str) -> str:
@@ -162,7 +105,7 @@ def _infer_format(cfg: SourceConfig, files: list[str]) -> str:
         return "imagefolder" if cfg.labels_from_folders else "folder"
     parquets = [f for f in files if f.lower().endswith(".parquet")]
     if parquets:
-        names = set(_parquet_schema(parquets[0]).names)
+        names = set(archives.column_names(parquets[0]))
         if cfg.uri_column in names and cfg.image_column not in names:
             return "manifest"
         if cfg.image_column in names:
@@ -177,11 +120,6 @@ def _infer_format(cfg: SourceConfig, files: list[str]) -> str:
 def resolve_format(cfg: SourceConfig) -> str:
     """The concrete format of ``cfg``."""
     return scan(cfg).format
-
-
-def _parquet_schema(uri: str) -> pa.Schema:
-    fs, path = storage.filesystem(uri)
-    return pq.read_schema(path, filesystem=fs)
 
 
 def parquet_files(listing: Listing, cfg: SourceConfig) -> list[str]:
@@ -204,23 +142,11 @@ def folder_class(rel_path: str) -> str | None:
     return posixpath.basename(parent) if parent else None
 
 
-def read_column(files: list[str], column: str) -> list:
-    """One column of parquet files, concatenated; a clear error names a missing column."""
-    values: list = []
-    for uri in files:
-        fs, path = storage.filesystem(uri)
-        schema = pq.read_schema(path, filesystem=fs)
-        if column not in schema.names:
-            raise ValueError(f"column {column!r} not found in {uri!r}; its columns are {schema.names}")
-        values.extend(pq.read_table(path, columns=[column], filesystem=fs).column(column).to_pylist())
-    return values
-
-
 def _paths(listing: Listing, cfg: SourceConfig, unlisted: list[tuple[str, str]] | None = None
            ) -> list[tuple[str, str]]:
     """(id, uri) of every image of a folder tree or of the tar archive(s), sorted by id."""
     if listing.format == "tar":
-        return sorted((ref.id, ref.uri) for ref in list_tar_members(listing, cfg, unlisted))
+        return sorted(_tar_paths(listing, cfg, unlisted))
     return sorted((relative_id(uri, listing.root), uri) for uri in listing.files
                   if has_extension(uri, cfg.extensions))
 
@@ -264,20 +190,18 @@ def select_subset(ids: list[str], max_images: int | None, seed: int) -> list[int
 
 def list_images(cfg: SourceConfig, listing: Listing | None = None,
                 unlisted: list[tuple[str, str]] | None = None) -> list[ImageRef]:
-    """Every image of a folder, ImageFolder tree, tar archive(s) or manifest, as refs sorted by id.
+    """Every image of any source, as refs (module doc: ids, URIs, labels, order, ``max_images``).
 
     What could not be listed (see :class:`Listing`, and tar shards cut off mid-way) is appended to
-    ``unlisted`` as ``(name, reason)``, for the stage summary. Parquet sources hold bytes, not files: read
-    them with ``iter_parquet_rows``.
-    """
+    ``unlisted`` as ``(name, reason)``, for the stage summary."""
     listing = listing or scan(cfg)
     if unlisted is not None:
         unlisted.extend(listing.unlisted)
-    if listing.format == "parquet":
-        raise ValueError(f"{cfg.uri!r} is a parquet source of image bytes: use iter_parquet_rows / iter_rows")
     names = class_names(cfg, listing)
     if listing.format == "manifest":
         refs = _manifest_refs(listing, cfg, names)
+    elif listing.format == "parquet":
+        refs = _parquet_refs(listing, cfg, names)
     else:
         refs = [ImageRef(i, uri, names.index(folder_class(i)) if names and folder_class(i) is not None else -1)
                 for i, uri in _paths(listing, cfg, unlisted)]
@@ -286,7 +210,8 @@ def list_images(cfg: SourceConfig, listing: Listing | None = None,
         seen: set[str] = set()
         dup = next(i for i in ids if i in seen or seen.add(i))
         raise ValueError(f"duplicate image id {dup!r} in {cfg.uri!r}")
-    return [refs[i] for i in select_subset(ids, cfg.max_images, cfg.subset_seed)]
+    keep = select_subset(ids, cfg.max_images, cfg.subset_seed)
+    return [refs[i] for i in (sorted(keep) if listing.format == "parquet" else keep)]
 
 
 def resolve_uri(uri: str, base: str) -> str:
@@ -311,148 +236,64 @@ def _manifest_refs(listing: Listing, cfg: SourceConfig, names: list[str]) -> lis
     return refs
 
 
-# ----------------------------------------------------------------------------------------------
-# Row readers
-
-
-def content_id(data: bytes) -> str:
-    """Stable id for a parquet row without an id column: a hash of the image bytes."""
-    return "sha1:" + hashlib.sha1(data).hexdigest()[:16]
-
-
-def stable_index(image_id: str) -> int:
-    """A non-negative 63-bit integer derived from an id, for per-sample seeding independent of order."""
-    digest = hashlib.blake2b(image_id.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-def image_bytes(value) -> bytes | None:
-    """Encoded bytes from a parquet cell: binary, or a struct with a "bytes" field (HF datasets)."""
-    if value is None:
-        return None
-    if isinstance(value, dict):
-        value = value.get("bytes")
-        if value is None:
-            return None
-    if isinstance(value, np.ndarray):
-        return value.tobytes()
-    return bytes(value)
-
-
-def iter_tar_members(data: bytes | io.BufferedIOBase, cfg: SourceConfig) -> Iterator[tuple[str, bytes]]:
-    """(member name, bytes) of every image file in one tar archive, in archive order."""
-    fileobj = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
-    with tarfile.open(fileobj=fileobj, mode="r:*") as archive:
-        for member in archive:
-            if member.isfile() and has_extension(member.name, cfg.extensions):
-                handle = archive.extractfile(member)
-                yield member.name, handle.read() if handle is not None else b""
-
-
-def tar_member_id(archive_uri: str, member: str, archives: list[str], root: str) -> str:
-    """``member`` for a single archive, ``<archive path relative to root>/<member>`` for shards."""
-    return member if len(archives) == 1 else f"{relative_id(archive_uri, root)}/{member}"
-
-
-def list_tar_members(listing: Listing, cfg: SourceConfig, unlisted: list[tuple[str, str]] | None = None
-                     ) -> list[ImageRef]:
-    """Image members of the tar archive(s): headers only, seeking over the data where possible. A damaged
-    shard keeps the members read before the damage and goes to ``unlisted`` as ``damaged_archive``."""
-    archives = tar_files(listing, cfg)
+def _parquet_refs(listing: Listing, cfg: SourceConfig, names: list[str]) -> list[ImageRef]:
+    """One ref per row of the parquet file(s), in file and row order; the image bytes are not read here."""
     refs = []
-    for archive_uri in archives:
-        fs, path = storage.filesystem(archive_uri)
-        found = len(refs)
-        try:
-            with fs.open_input_file(path) as f, tarfile.open(fileobj=f, mode="r:*") as archive:
-                for member in archive:
-                    if member.isfile() and has_extension(member.name, cfg.extensions):
-                        refs.append(ImageRef(tar_member_id(archive_uri, member.name, archives, listing.root),
-                                             f"{archive_uri}#{member.name}"))
-        except (tarfile.TarError, EOFError, OSError, ValueError) as e:  # a truncated or corrupt shard
-            # keep the members read before the damage: one bad shard must not hide all the others
-            log.warning("%s: tar listing stopped after %d images: %s: %s", archive_uri, len(refs) - found,
-                        type(e).__name__, e)
-            if unlisted is not None:
-                unlisted.append((archive_uri, f"damaged_archive: after {len(refs) - found} images: {e}"))
+    for file in parquet_files(listing, cfg):
+        n, values = archives.parquet_columns(file, [c for c in (cfg.id_column, cfg.label_column) if c],
+                                             required=(cfg.image_column,))
+        labels = values[cfg.label_column] if cfg.label_column else [None] * n
+        for row in range(n):
+            refs.append(ImageRef(_row_id(file, row, values, listing, cfg),
+                                 archives.row_uri(file, row, cfg.image_column), label_index(labels[row], names)))
     return refs
 
 
-def parquet_subset(listing: Listing, cfg: SourceConfig) -> set[str] | None:
-    """Ids kept by ``max_images`` in a parquet source (None = all rows)."""
-    if cfg.max_images is None:
-        return None
+def _row_id(file: str, row: int, values: dict[str, list], listing: Listing, cfg: SourceConfig) -> str:
+    """A parquet row's id: its ``id_column`` value, else ``<file relative to the root>#<row>`` (module doc)."""
     if cfg.id_column is None:
-        raise ValueError(f"SourceConfig.max_images on the parquet source {cfg.uri!r} needs id_column: without "
-                         "it row ids are content hashes and subsetting would read every image")
-    ids = [str(v) for v in read_column(parquet_files(listing, cfg), cfg.id_column)]
-    return {ids[i] for i in select_subset(ids, cfg.max_images, cfg.subset_seed)}
+        return f"{relative_id(file, listing.root)}#{row}"
+    value = values[cfg.id_column][row]
+    if value is None:
+        raise ValueError(f"{file!r} row {row} has no id: id_column={cfg.id_column!r} is null")
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def parquet_row(uri: str, data, image_id, label, cfg: SourceConfig, names: list[str]) -> dict:
-    """One parquet row as ``{id, uri, label, bytes}`` (shared by the plain and the Ray reader)."""
-    raw = image_bytes(data) or b""
-    row_id = str(image_id) if cfg.id_column else content_id(raw)
-    return {"id": row_id, "uri": f"{uri}#{row_id}", "label": label_index(label, names) if cfg.label_column else -1,
-            "bytes": raw}
+def tar_member_id(archive_uri: str, member: str, shards: list[str], root: str) -> str:
+    """``member`` for a single archive, ``<archive path relative to root>/<member>`` for shards."""
+    return member if len(shards) == 1 else f"{relative_id(archive_uri, root)}/{member}"
 
 
-def iter_parquet_rows(cfg: SourceConfig, listing: Listing | None = None) -> Iterator[dict]:
-    """Rows of a parquet source with an image-bytes column, in file and row order."""
-    listing = listing or scan(cfg)
-    names = class_names(cfg, listing)
-    keep = parquet_subset(listing, cfg)
-    columns = [c for c in (cfg.image_column, cfg.id_column, cfg.label_column) if c]
-    for uri in parquet_files(listing, cfg):
-        fs, path = storage.filesystem(uri)
-        for record in pq.read_table(path, columns=columns, filesystem=fs).to_pylist():
-            row = parquet_row(uri, record[cfg.image_column], record.get(cfg.id_column or ""),
-                              record.get(cfg.label_column or ""), cfg, names)
-            if keep is None or row["id"] in keep:
-                yield row
-
-
-def iter_rows(cfg: SourceConfig) -> Iterator[dict]:
-    """Rows ``{id, uri, label, bytes}`` of any source, in one process (Ray Data has its own readers)."""
-    listing = scan(cfg)
-    if listing.format == "parquet":
-        yield from iter_parquet_rows(cfg, listing)
-        return
-    refs = list_images(cfg, listing)
-    if listing.format != "tar":
-        for ref in refs:
-            yield {"id": ref.id, "uri": ref.uri, "label": ref.label, "bytes": storage.read_bytes(ref.uri)}
-        return
-    by_id = {r.id: r for r in refs}
-    archives = tar_files(listing, cfg)
-    for archive_uri in archives:
-        for member, data in iter_tar_members(storage.read_bytes(archive_uri), cfg):
-            ref = by_id.get(tar_member_id(archive_uri, member, archives, listing.root))
-            if ref is not None:
-                yield {"id": ref.id, "uri": ref.uri, "label": ref.label, "bytes": data}
+def _tar_paths(listing: Listing, cfg: SourceConfig, unlisted: list[tuple[str, str]] | None = None
+               ) -> list[tuple[str, str]]:
+    """(id, uri) of the image members of the tar archive(s). A damaged shard keeps the members read before
+    the damage and goes to ``unlisted`` as ``damaged_archive``."""
+    shards = tar_files(listing, cfg)
+    paths = []
+    for shard in shards:
+        members, damage = archives.tar_members(shard, lambda name: has_extension(name, cfg.extensions))
+        paths += [(tar_member_id(shard, m, shards, listing.root), f"{shard}#{m}") for m in members]
+        if damage is not None:
+            log.warning("%s: tar listing stopped after %d images: %s: %s", shard, len(members),
+                        type(damage).__name__, damage)
+            if unlisted is not None:
+                unlisted.append((shard, f"damaged_archive: after {len(members)} images: {damage}"))
+    return paths
 
 
 def read_image_bytes(uri: str) -> bytes:
-    """Bytes of one image ref URI: a file (local or s3://) or a tar member ``<archive>#<member>``.
+    """Bytes of one image URI (module doc): a file (local or s3://), a tar member or a parquet row.
 
-    ``FileNotFoundError`` when the file or member is gone (a counted ``missing`` skip for callers);
-    :class:`~dino_ray.storage.StorageError` when the store keeps failing (the stage fails)."""
+    ``FileNotFoundError`` when the file, member or row is gone (a counted ``missing`` skip for callers);
+    :class:`~dino_ray.storage.StorageError` when the store keeps failing (the stage fails); ``ValueError``
+    for a parquet row URI that is malformed or names a column the file does not have."""
+    row = archives.parse_row_uri(uri)
+    if row is not None:
+        return archives.read_parquet_row(*row)
     archive, sep, member = uri.rpartition("#")
-    if not sep or not is_tar(archive):
-        return storage.read_bytes(uri)
-    fs, path = storage.filesystem(archive)
-
-    def read() -> bytes:
-        with fs.open_input_file(path) as f, tarfile.open(fileobj=f, mode="r:*") as tar:
-            try:
-                handle = tar.extractfile(member)
-            except KeyError:
-                raise FileNotFoundError(f"no member {member!r} in the archive {archive!r}") from None
-            if handle is None:
-                raise FileNotFoundError(f"{member!r} in {archive!r} is not a regular file")
-            return handle.read()
-
-    return storage.with_retries(read, f"reading {uri}")
+    if sep and is_tar(archive):
+        return archives.read_tar_member(archive, member)
+    return storage.read_bytes(uri)
 
 
 def unlisted_summary(unlisted: Iterable[tuple[str, str]], prefix: str = "", samples: int = 20) -> dict:

@@ -7,8 +7,10 @@ takes the ``B`` positions starting at ``t*G + r*B``. Crops and masks are seeded 
 ``(seed, epoch, image)``. So a run resumed at step ``t`` (after a worker was killed, or with a new
 job) sees exactly the crops it would have seen, and no image is decoded for steps already done.
 
-Each rank builds its own Ray Data pipeline over its positions (``range`` -> an actor pool that reads,
-decodes and crops) and iterates it with ``iter_torch_batches``; preprocessing runs in Ray Data
+The index lists each image once by URI (``sources.list_images`` on the driver: a file, local or s3://, a tar
+member or a parquet row), and the actors read it with ``sources.read_image_bytes``, so every source kind trains
+the same way. Each rank builds its own Ray Data pipeline over its positions (``range`` -> an actor pool that
+reads, decodes and crops) and iterates it with ``iter_torch_batches``; preprocessing runs in Ray Data
 actors with fractional CPUs, so it shares a small cluster with the trainers and scales out to CPU
 nodes on a real one. Images that fail to decode during training (the curate stage normally removed
 them), or that are gone, are replaced by the next image of the permutation and counted by reason in a

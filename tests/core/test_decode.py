@@ -3,30 +3,13 @@
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from dino_ray.data.decode import (
-    SKIP_REASONS, DecodeConfig, DecodeError, SkipReport, decode_batch, decode_image, keep_decoded,
-)
-
-
-def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kwargs)
-    return buf.getvalue()
-
-
-def png_with_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header claims ``width x height`` but whose pixel data is a few bytes."""
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+from dino_ray.data.decode import SKIP_REASONS, DecodeConfig, DecodeError, decode_image
+from testlib import encode, png_header_only
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +43,9 @@ def test_failure_reasons(jpeg_bytes):
 def test_too_large_is_decided_from_the_header_before_decoding():
     # The pixel data is missing: decoding would fail as "truncated". "too_large" proves the header
     # check ran first. Both below and above PIL's own bomb limit.
-    assert reason_of(png_with_header_only(2000, 1000), max_pixels=1_000_000) == "too_large"
-    assert reason_of(png_with_header_only(100_000, 100_000)) == "too_large"
-    assert reason_of(png_with_header_only(2000, 1000), max_pixels=3_000_000) == "truncated"
+    assert reason_of(png_header_only(2000, 1000, color_type=0), max_pixels=1_000_000) == "too_large"
+    assert reason_of(png_header_only(100_000, 100_000, color_type=0)) == "too_large"
+    assert reason_of(png_header_only(2000, 1000, color_type=0), max_pixels=3_000_000) == "truncated"
 
 
 def test_max_pixels_is_per_call_not_global():
@@ -164,35 +147,6 @@ def test_decode_config_validation():
         DecodeConfig(max_pixels=10**12).validate()
     with pytest.raises(ValueError, match="unknown skip reason"):
         DecodeError("corrupt", "x")
-
-
-def test_decode_batch_keeps_every_row_and_counts_exactly(jpeg_bytes):
-    data = [jpeg_bytes, b"", b"not an image at all", jpeg_bytes[:500], encode(Image.new("L", (9, 7)), "PNG")]
-    batch = {"id": np.array([f"i{k}" for k in range(5)], dtype=object),
-             "uri": np.array([f"/x/{k}.jpg" for k in range(5)], dtype=object),
-             "label": np.arange(5, dtype=np.int64), "bytes": np.array(data, dtype=object)}
-    out = decode_batch(batch, DecodeConfig())
-    assert "bytes" not in out and len(out["skip_reason"]) == 5
-    assert out["skip_reason"].tolist() == ["", "empty", "not_an_image", "truncated", ""]
-    assert out["image"][4].shape == (7, 9, 3)
-    good = keep_decoded(out)
-    assert good["id"].tolist() == ["i0", "i4"] and good["label"].tolist() == [0, 4] and "skip_reason" not in good
-    report = SkipReport.from_columns(out["skip_reason"], out["uri"])
-    assert (report.n_inputs, report.n_decoded, report.n_skipped) == (5, 2, 3)
-    assert report.counts == {"empty": 1, "not_an_image": 1, "truncated": 1}
-    assert report.samples["truncated"] == ["/x/3.jpg"]
-
-
-def test_skip_report_merge_caps_samples_and_rejects_unknown_reasons():
-    a = SkipReport.from_columns(["empty"] * 15 + [""], [f"a{i}" for i in range(16)])
-    b = SkipReport.from_columns(["empty"] * 10 + ["too_small"], [f"b{i}" for i in range(11)])
-    merged = a.merge(b)
-    assert (merged.n_inputs, merged.n_decoded, merged.n_skipped) == (27, 1, 26)
-    assert merged.counts == {"empty": 25, "too_small": 1}
-    assert merged.samples["empty"] == [f"a{i}" for i in range(15)] + [f"b{i}" for i in range(5)]
-    assert merged.n_decoded + merged.n_skipped == merged.n_inputs
-    with pytest.raises(ValueError, match="unknown skip reason"):
-        SkipReport().add("corrupt", "x")
 
 
 def _encoded(array: np.ndarray, mode: str | None = None, fmt: str = "PNG") -> bytes:

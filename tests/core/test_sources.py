@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import io
-import tarfile
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dino_ray.data.sources import (
-    SourceConfig, class_names, iter_rows, list_images, read_image_bytes, resolve_format, stable_index,
-)
+from dino_ray import storage
+from dino_ray.data import archives
+from dino_ray.data.sources import SourceConfig, class_names, list_images, read_image_bytes, resolve_format
+from testlib import write_tar
 
 
 @pytest.fixture(scope="module")
@@ -68,57 +67,114 @@ def test_max_images_is_a_deterministic_seeded_sample(imagenette_dir):
     assert len({r.label for r in first}) >= 6  # a sample, not the first classes in sorted order
 
 
-def _tar(path: Path, members: dict[str, bytes]) -> None:
-    with tarfile.open(path, "w") as tf:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-
-
-def test_tar_archives_yield_members_as_rows(tmp_path, jpegs):
+def test_tar_members_are_refs_read_by_their_uri(tmp_path, jpegs):
     archive = tmp_path / "shard.tar"
-    _tar(archive, {"cat/1.jpg": jpegs[0], "dog/2.jpg": jpegs[1], "dog/readme.txt": b"x", "cat/3.png": jpegs[2]})
+    write_tar(archive, {"cat/1.jpg": jpegs[0], "dog/2.jpg": jpegs[1], "dog/readme.txt": b"x", "cat/3.png": jpegs[2]})
     cfg = SourceConfig(str(archive), labels_from_folders=True)
     assert resolve_format(cfg) == "tar"
     refs = list_images(cfg)
     assert [(r.id, r.label) for r in refs] == [("cat/1.jpg", 0), ("cat/3.png", 0), ("dog/2.jpg", 1)]
     assert refs[0].uri == f"{archive}#cat/1.jpg"
-    rows = list(iter_rows(cfg))
-    assert [r["id"] for r in rows] == ["cat/1.jpg", "dog/2.jpg", "cat/3.png"]  # archive order
-    assert rows[1]["bytes"] == jpegs[1] and rows[1]["label"] == 1
-    assert read_image_bytes(refs[2].uri) == jpegs[1]
+    assert [read_image_bytes(r.uri) for r in refs] == [jpegs[0], jpegs[2], jpegs[1]]
     with pytest.raises(FileNotFoundError, match="no member"):
         read_image_bytes(f"{archive}#cat/missing.jpg")
 
 
 def test_tar_shards_prefix_ids_with_the_shard(tmp_path, jpegs):
     (tmp_path / "shards").mkdir()
-    _tar(tmp_path / "shards" / "000.tar", {"x.jpg": jpegs[0]})
-    _tar(tmp_path / "shards" / "001.tar", {"x.jpg": jpegs[1]})
-    rows = list(iter_rows(SourceConfig(str(tmp_path / "shards"), max_images=2)))
-    assert [r["id"] for r in rows] == ["000.tar/x.jpg", "001.tar/x.jpg"]
-    assert [r["bytes"] for r in rows] == jpegs[:2]
+    write_tar(tmp_path / "shards" / "000.tar", {"x.jpg": jpegs[0]})
+    write_tar(tmp_path / "shards" / "001.tar", {"x.jpg": jpegs[1]})
+    refs = list_images(SourceConfig(str(tmp_path / "shards"), max_images=2))
+    assert [r.id for r in refs] == ["000.tar/x.jpg", "001.tar/x.jpg"]
+    assert [read_image_bytes(r.uri) for r in refs] == jpegs[:2]
 
 
 def test_parquet_bytes_with_ids_string_labels_and_hf_structs(tmp_path, jpegs):
-    table = pa.table({"image": [jpegs[0], jpegs[1], jpegs[2]], "key": ["k0", "k1", "k2"],
+    table = pa.table({"image": [jpegs[0], jpegs[1], jpegs[2]], "key": ["k2", "k0", "k1"],
                       "cls": ["dog", "cat", "dog"]})
     pq.write_table(table, tmp_path / "part-0.parquet")
     cfg = SourceConfig(str(tmp_path / "part-0.parquet"), id_column="key", label_column="cls")
     assert resolve_format(cfg) == "parquet" and class_names(cfg) == ["cat", "dog"]
-    rows = list(iter_rows(cfg))
-    assert [(r["id"], r["label"]) for r in rows] == [("k0", 1), ("k1", 0), ("k2", 1)]
-    assert rows[2]["bytes"] == jpegs[2] and rows[0]["uri"].endswith("part-0.parquet#k0")
-    subset = [r["id"] for r in iter_rows(SourceConfig(str(tmp_path), id_column="key", max_images=2))]
+    refs = list_images(cfg)
+    assert [(r.id, r.label) for r in refs] == [("k2", 1), ("k0", 0), ("k1", 1)]  # file order: row groups stay hot
+    assert refs[2].uri == f"{tmp_path / 'part-0.parquet'}#row=2&column=image"
+    assert [read_image_bytes(r.uri) for r in refs] == jpegs[:3]
+    subset = [r.id for r in list_images(SourceConfig(str(tmp_path), id_column="key", max_images=2))]
     assert len(subset) == 2 and set(subset) < {"k0", "k1", "k2"}
-    assert subset == [r["id"] for r in iter_rows(SourceConfig(str(tmp_path), id_column="key", max_images=2))]
-    hf = pa.table({"image": [{"bytes": jpegs[3], "path": "a.jpg"}], "label": [7]})
+    assert subset == [r.id for r in list_images(SourceConfig(str(tmp_path), id_column="key", max_images=2))]
+    hf = pa.table({"picture": [{"bytes": jpegs[3], "path": "a.jpg"}, {"bytes": None, "path": "b.jpg"}],
+                   "label": [7, 2]})
     pq.write_table(hf, tmp_path / "hf.parquet")
-    hf_rows = list(iter_rows(SourceConfig(str(tmp_path / "hf.parquet"), label_column="label")))
-    assert hf_rows[0]["bytes"] == jpegs[3] and hf_rows[0]["label"] == 7 and hf_rows[0]["id"].startswith("sha1:")
-    with pytest.raises(ValueError, match="needs id_column"):
-        list(iter_rows(SourceConfig(str(tmp_path / "hf.parquet"), max_images=1)))
+    hf_cfg = SourceConfig(str(tmp_path / "hf.parquet"), image_column="picture", label_column="label")
+    hf_refs = list_images(hf_cfg)
+    assert [(r.id, r.label) for r in hf_refs] == [("hf.parquet#0", 7), ("hf.parquet#1", 2)]  # no id column
+    assert read_image_bytes(hf_refs[0].uri) == jpegs[3] and read_image_bytes(hf_refs[1].uri) == b""  # -> "empty"
+    assert len(list_images(SourceConfig(str(tmp_path / "hf.parquet"), image_column="picture", max_images=1))) == 1
+    with pytest.raises(ValueError, match="column 'image' not found in .*hf.parquet"):
+        list_images(SourceConfig(str(tmp_path / "hf.parquet"), format="parquet"))
+
+
+def test_parquet_rows_are_read_by_row_group_with_a_bounded_cache(tmp_path, jpegs, monkeypatch):
+    """Reading a row reads its row group, not the file; rows read in order read each row group once; the
+    cache holds two row groups at most; a row that is not there is an error naming the file and the row."""
+    path = tmp_path / "groups.parquet"
+    pq.write_table(pa.table({"image": jpegs[:7], "n": list(range(7))}), path, row_group_size=3)
+    reads: list[int] = []
+    real = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group",
+                        lambda self, i, *a, **k: reads.append(i) or real(self, i, *a, **k))
+    monkeypatch.setattr(pq.ParquetFile, "read", lambda *a, **k: pytest.fail("a row read must not read the whole file"))
+    archives.ROW_GROUPS.clear()
+    refs = list_images(SourceConfig(str(path)))
+    assert [r.id for r in refs] == [f"groups.parquet#{i}" for i in range(7)]
+    assert [read_image_bytes(r.uri) for r in refs] == jpegs[:7]
+    assert reads == [0, 1, 2]
+    assert read_image_bytes(refs[4].uri) == jpegs[4] and reads == [0, 1, 2]  # still cached
+    assert read_image_bytes(refs[1].uri) == jpegs[1] and reads == [0, 1, 2, 0]  # evicted: only 2 kept
+    assert len(archives.ROW_GROUPS) == 2
+    with pytest.raises(FileNotFoundError, match=r"groups.parquet' has no row 7: it has 7 rows"):
+        read_image_bytes(f"{path}#row=7&column=image")
+    with pytest.raises(ValueError, match=r"bad parquet row URI .*groups.parquet#row=-1"):
+        read_image_bytes(f"{path}#row=-1&column=image")
+    with pytest.raises(ValueError, match=r"bad parquet row URI .*#row=two"):
+        read_image_bytes(f"{path}#row=two&column=image")
+    with pytest.raises(ValueError, match="has no image column 'photo' .*row 0"):
+        read_image_bytes(f"{path}#row=0&column=photo")
+    with pytest.raises(FileNotFoundError):
+        read_image_bytes(f"{tmp_path / 'gone.parquet'}#row=0&column=image")
+    odd = archives.row_uri(str(path), 3, "my col#&=")
+    assert archives.parse_row_uri(odd) == (str(path), 3, "my col#&=")  # any column name survives the URI
+
+
+def test_a_flaky_store_is_retried_for_parquet_rows_and_tar_members(tmp_path, jpegs, monkeypatch):
+    """Row and member reads retry like file reads: a transient OSError is retried, a store that keeps failing
+    raises StorageError (never a skip)."""
+    pq.write_table(pa.table({"image": jpegs[:2]}), tmp_path / "p.parquet")
+    write_tar(tmp_path / "a.tar", {"x.jpg": jpegs[2]})
+    failures = {"left": 0}
+    real_filesystem = storage.filesystem
+
+    class Flaky:
+        def __init__(self, fs):
+            self.fs = fs
+
+        def open_input_file(self, path):
+            if failures["left"]:
+                failures["left"] -= 1
+                raise OSError("connection reset by peer")
+            return self.fs.open_input_file(path)
+
+    monkeypatch.setattr(storage, "filesystem", lambda uri: (Flaky(real_filesystem(uri)[0]), real_filesystem(uri)[1]))
+    monkeypatch.setattr(storage, "READ_RETRY", storage.Retry(attempts=3, backoff_s=0.01))
+    for uri, expected in ((f"{tmp_path / 'p.parquet'}#row=1&column=image", jpegs[1]),
+                          (f"{tmp_path / 'a.tar'}#x.jpg", jpegs[2])):
+        archives.ROW_GROUPS.clear()
+        failures["left"] = 2
+        assert read_image_bytes(uri) == expected  # two failures, then the third attempt reads it
+        archives.ROW_GROUPS.clear()
+        failures["left"] = 3
+        with pytest.raises(storage.StorageError, match="failed 3 times"):
+            read_image_bytes(uri)
 
 
 def test_manifest_of_uris_relative_and_absolute(tmp_path, tree):
@@ -131,8 +187,19 @@ def test_manifest_of_uris_relative_and_absolute(tmp_path, tree):
     refs = list_images(cfg)
     assert [(r.id, r.label) for r in refs] == [("m", 1), ("z", 3)]
     assert Path(refs[0].uri).resolve() == (tree / "mango" / "f.jpg").resolve()
-    rows = list(iter_rows(cfg))
-    assert rows[1]["bytes"] == (tree / "zebra" / "a.jpg").read_bytes()
+    assert read_image_bytes(refs[1].uri) == (tree / "zebra" / "a.jpg").read_bytes()
+
+
+def test_a_manifest_of_parquet_rows_and_tar_members(tmp_path, jpegs):
+    """What curate writes for a parquet or tar pool: a manifest whose URIs name rows and members."""
+    pq.write_table(pa.table({"image": jpegs[:2]}), tmp_path / "pool.parquet")
+    write_tar(tmp_path / "pool.tar", {"a/1.jpg": jpegs[2]})
+    uris = [r.uri for r in list_images(SourceConfig(str(tmp_path / "pool.parquet")))]
+    uris += [r.uri for r in list_images(SourceConfig(str(tmp_path / "pool.tar")))]
+    pq.write_table(pa.table({"uri": uris}), tmp_path / "manifest.parquet")
+    refs = list_images(SourceConfig(str(tmp_path / "manifest.parquet")))
+    assert sorted(r.uri for r in refs) == sorted(uris)
+    assert {read_image_bytes(r.uri) for r in refs} == set(jpegs[:3])
 
 
 def test_validation_names_field_and_value(tmp_path):
@@ -174,10 +241,18 @@ def test_s3_folder_listing(s3_bucket, jpegs):
     assert refs[2].uri == f"{s3_bucket}/imgs/c1/1.jpg" and read_image_bytes(refs[2].uri) == jpegs[1]
 
 
-def test_stable_index_is_a_deterministic_63_bit_hash():
-    values = [stable_index(f"img/{i}.jpg") for i in range(1000)]
-    assert values == [stable_index(f"img/{i}.jpg") for i in range(1000)]
-    assert min(values) >= 0 and max(values) < 2**63 and len(set(values)) == 1000
+def test_s3_tar_shards_and_parquet_rows(s3_bucket, jpegs, tmp_path):
+    write_tar(tmp_path / "0.tar", {"c/0.jpg": jpegs[0], "c/1.jpg": jpegs[1]})
+    put_s3(f"{s3_bucket}/shards/0.tar", (tmp_path / "0.tar").read_bytes())
+    tar_refs = list_images(SourceConfig(f"{s3_bucket}/shards"))
+    assert [r.uri for r in tar_refs] == [f"{s3_bucket}/shards/0.tar#c/0.jpg", f"{s3_bucket}/shards/0.tar#c/1.jpg"]
+    assert [read_image_bytes(r.uri) for r in tar_refs] == jpegs[:2]
+    pq.write_table(pa.table({"image": jpegs[2:5], "y": [1, 0, 1]}), tmp_path / "p.parquet", row_group_size=2)
+    put_s3(f"{s3_bucket}/pq/p.parquet", (tmp_path / "p.parquet").read_bytes())
+    refs = list_images(SourceConfig(f"{s3_bucket}/pq", label_column="y"))
+    assert [(r.id, r.label) for r in refs] == [("p.parquet#0", 1), ("p.parquet#1", 0), ("p.parquet#2", 1)]
+    assert refs[0].uri == f"{s3_bucket}/pq/p.parquet#row=0&column=image"
+    assert [read_image_bytes(r.uri) for r in refs] == jpegs[2:5]
 
 
 def test_listing_survives_bad_names_links_and_loops(tree):
@@ -202,8 +277,8 @@ def test_listing_survives_bad_names_links_and_loops(tree):
 def test_a_truncated_tar_shard_keeps_the_members_before_the_damage(tmp_path, jpegs):
     good, bad = tmp_path / "shards" / "a.tar", tmp_path / "shards" / "b.tar"
     good.parent.mkdir()
-    _tar(good, {"1.jpg": jpegs[0]})
-    _tar(bad, {"2.jpg": jpegs[1], "3.jpg": jpegs[2]})
+    write_tar(good, {"1.jpg": jpegs[0]})
+    write_tar(bad, {"2.jpg": jpegs[1], "3.jpg": jpegs[2]})
     data = bad.read_bytes()
     bad.write_bytes(data[:512 + len(jpegs[1]) + 1024 + 100])  # cut inside the second member
     ids = [r.id for r in list_images(SourceConfig(str(good.parent)))]  # used to raise tarfile.ReadError
@@ -219,10 +294,10 @@ def test_what_a_training_listing_could_not_list_reaches_the_stage_summary(tmp_pa
 
     shards = tmp_path / "shards"
     shards.mkdir()
-    _tar(shards / "a.tar", {"1.jpg": jpegs[0], "2.jpg": jpegs[1]})
+    write_tar(shards / "a.tar", {"1.jpg": jpegs[0], "2.jpg": jpegs[1]})
     data = (shards / "a.tar").read_bytes()
     (shards / "a.tar").write_bytes(data[:512 + len(jpegs[0]) + 1024 + 100])  # cut inside the second member
-    _tar(shards / "b.tar", {"3.jpg": jpegs[2]})
+    write_tar(shards / "b.tar", {"3.jpg": jpegs[2]})
     os.symlink(shards / "gone.tar", shards / "c.tar")
     index = build_index(SourceConfig(str(shards)), str(tmp_path / "index.parquet"))
     assert index.n_images == 3  # a.tar: both headers were read before the damage (2.jpg is cut: a decode skip)
