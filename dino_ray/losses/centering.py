@@ -115,6 +115,12 @@ class SoftmaxCentering(nn.Module):
         if _distributed(self.group):
             self._pending_work = dist.all_reduce(self._pending, group=self.group, async_op=True)
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001 - torch's signature
+        # The batch mean registered by the last step belongs to the center a checkpoint must hold: without
+        # it a resumed run would apply one update fewer than an uninterrupted one.
+        self.apply_pending_update()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
     @torch.no_grad()
     def apply_pending_update(self) -> None:
         """Fold the batch mean registered by the last call into the center (no-op if none)."""

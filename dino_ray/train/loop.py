@@ -117,7 +117,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     buffer = MetricBuffer(spec.tracking_uri, spec.run_id, enabled=rank == 0)
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            restored = restore(d, members, objectives, rank, skips)
+            restored = restore(d, members, objectives, rank, world, spec.train.zero_stage, skips)
             if restored != start_step:
                 raise RuntimeError(f"checkpoint {checkpoint.path} holds step {restored}, its name says {start_step}")
             pending = os.path.join(d, PENDING_METRICS)

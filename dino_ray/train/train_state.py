@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import tempfile
 from typing import TYPE_CHECKING
@@ -18,6 +19,8 @@ import torch
 from dino_ray.train.engines import SSL_WEIGHTS, Member
 from dino_ray.train.metric_buffer import PENDING_METRICS, MetricBuffer
 from dino_ray.train.ranks import summed_over_ranks
+
+log = logging.getLogger("dino_ray.train")
 
 if TYPE_CHECKING:
     from dino_ray.train.loop_spec import LoopSpec
@@ -55,24 +58,41 @@ def checkpoint_step(path: str) -> int:
     return int(name[5:])
 
 
-def restore(ckpt_dir: str, members: list[Member], objectives: list, rank: int, skips: torch.Tensor) -> int:
-    step = 0
-    from dino_ray.train.checkpoint_io import use_weights_only_loads
+def restore(ckpt_dir: str, members: list[Member], objectives: list, rank: int, world: int, zero_stage: int,
+            skips: torch.Tensor) -> int:
+    """Load a checkpoint into the engines; one written by another number of workers is resharded
+    (:mod:`~dino_ray.train.reshard`: ZeRO-3 slices are rebuilt and re-cut, stage 0 state is whole)."""
+    from dino_ray.train import reshard
+    from dino_ray.train.checkpoint_io import load_weights_only, use_weights_only_loads
 
+    step = 0
     for m, objective in zip(members, objectives):
-        use_weights_only_loads(m.engine)  # a bucket's checkpoint must not run code on the workers
-        _, client = m.engine.load_checkpoint(os.path.join(ckpt_dir, m.name, "ds"), tag="state")
+        member_dir = os.path.join(ckpt_dir, m.name)
+        saved_world = reshard.ema_world_size(member_dir)
+        if saved_world == 0:
+            raise RuntimeError(f"{member_dir}: no EMA shards (ema_rank*.pt); not a checkpoint of this loop")
+        moved = saved_world != world
+        if moved and zero_stage in (1, 2):
+            raise RuntimeError(f"{ckpt_dir} was written by {saved_world} workers and this run has {world}: with "
+                               f"ZeRO stage {zero_stage} resuming needs the same number of workers (stages 0 and "
+                               "3 reshard; set train.zero_stage to 3, or train.scaling.num_workers back)")
+        if moved and m.zero3:
+            client = reshard.load_zero3_resharded(m.engine, os.path.join(member_dir, "ds", "state"), rank)
+        else:
+            use_weights_only_loads(m.engine)  # a bucket's checkpoint must not run code on the workers
+            _, client = m.engine.load_checkpoint(os.path.join(member_dir, "ds"), tag="state")
         step = int(client["step"])
         objective.load_state_dict(client["objective"])
         # The checkpoint holds the sum over ranks (with ZeRO < 3 only rank 0's client state is written, and
         # every rank reads it), so rank 0 alone takes it over and the others count from zero again.
         saved = (client.get("skips") or [])[:len(skips)] if rank == 0 else []  # older checkpoints have none
         skips[:len(saved)] = torch.tensor(saved, dtype=torch.int64)
-        shard_file = os.path.join(ckpt_dir, m.name, f"ema_rank{rank:05d}.pt")
-        if not os.path.exists(shard_file):
-            raise RuntimeError(f"{shard_file} missing: resuming needs the same number of workers as the run that "
-                               f"wrote the checkpoint")
-        m.load_ema_shards(torch.load(shard_file, map_location="cpu", weights_only=True))
+        if moved:
+            if rank == 0:
+                log.info("%s: resharded from %d workers to %d", member_dir, saved_world, world)
+            m.load_ema_shards(reshard.resharded_ema(member_dir, [t for t, _ in m.pairs], rank, m.zero3))
+        else:
+            m.load_ema_shards(load_weights_only(os.path.join(member_dir, f"ema_rank{rank:05d}.pt"), "cpu"))
     return step
 
 

@@ -137,6 +137,16 @@ def test_softmax_centering_applies_batch_mean_to_the_next_call():
     assert "center" in centering.state_dict()
 
 
+def test_a_checkpointed_center_includes_the_last_batch_mean():
+    """A resumed run must centre its next batch as an uninterrupted one would."""
+    going, batch = SoftmaxCentering(3, momentum=0.9), torch.tensor([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]])
+    going(batch, teacher_temp=1.0)  # registers this batch's mean for the next call
+    resumed = SoftmaxCentering(3, momentum=0.9)
+    resumed.load_state_dict(going.state_dict())
+    nxt = torch.tensor([[0.0, 1.0, 0.0]])
+    torch.testing.assert_close(resumed(nxt, teacher_temp=0.5), going(nxt, teacher_temp=0.5))
+
+
 def test_softmax_centering_ignores_an_empty_batch():
     centering = SoftmaxCentering(4)
     centering(torch.zeros(0, 4), teacher_temp=0.1)

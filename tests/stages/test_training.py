@@ -65,6 +65,49 @@ def test_two_zero3_workers_match_one_worker_over_several_real_steps(ray_session,
         torch.testing.assert_close(states[1][k], states[0][k], rtol=1e-3, atol=1e-5, msg=k)
 
 
+def test_a_checkpoint_resumes_on_another_number_of_workers_both_ways(ray_session, cifar10_dir, tmp_path):
+    """2 ZeRO-3 workers -> 1 and 1 -> 2 (spot instances, autoscaling): steps 3-4 after the move, and the
+    exported EMA teacher, match a run that never moved. Schedules are constant so that a 2-step run and
+    the 4-step run it continues into train with the same values; softmax centring makes the loss carry state
+    (its running centre) across the checkpoint."""
+    import torch
+
+    common = ("pretrain.model.drop_path_rate=0.0", "pretrain.loss.koleo_loss_weight=0.0",
+              "pretrain.loss.centering=softmax", "pretrain.schedule.lr_scaling_rule=none",
+              "pretrain.schedule.base_lr=2.0e-3", "pretrain.schedule.min_lr=2.0e-3", "pretrain.schedule.warmup_iters=0",
+              "pretrain.schedule.weight_decay=0.04", "pretrain.schedule.weight_decay_end=0.04",
+              "pretrain.schedule.momentum_teacher=0.9", "pretrain.schedule.final_momentum_teacher=0.9",
+              "pretrain.schedule.warmup_teacher_temp=0.05", "pretrain.schedule.teacher_temp=0.05",
+              "pretrain.schedule.warmup_teacher_temp_iters=0", "pretrain.schedule.freeze_last_layer_iters=0",
+              "pretrain.train.checkpoint_every=2")
+    workers = {1: ("pretrain.train.batch_size_per_worker=16", "pretrain.train.scaling.num_workers=1"),
+               2: ("pretrain.train.batch_size_per_worker=8", "pretrain.train.scaling.num_workers=2",
+                   "pretrain.train.scaling.cpus_per_worker=0.5")}
+    train = cifar10_dir / "train"
+    whole = pretrain_job(tmp_path, train, "whole", *common, *workers[2], "pretrain.schedule.total_iters=4")
+    Pipeline(whole, ensure_ray=lambda: None).run()
+
+    def teacher(job) -> dict:
+        return torch.load(os.path.join(job.output_root, "pretrain", "teacher", "ssl_model.pth"), weights_only=True)
+
+    for before, after in ((2, 1), (1, 2)):
+        name = f"moved_{before}_to_{after}"
+        first = pretrain_job(tmp_path, train, name, *common, *workers[before], "pretrain.schedule.total_iters=2")
+        Pipeline(first, ensure_ray=lambda: None).run()
+        moved = pretrain_job(tmp_path, train, name, *common, *workers[after], "pretrain.schedule.total_iters=4")
+        Pipeline(moved, ensure_ray=lambda: None).run(resume=["pretrain"])
+        summary = storage.read_json(os.path.join(moved.output_root, "pretrain", "_manifest.json"))["summary"]
+        assert summary["resumed_at_step"] == 2 and summary["steps"] == 4, summary
+        for metric in ("dino_global_crops_loss", "dino_local_crops_loss", "ibot_loss"):
+            expected = [v for s, v in metric_steps(whole, metric) if s > 2]
+            got = metric_steps(moved, metric)
+            assert [s for s, _ in got] == [3, 4], (name, metric)
+            assert [v for _, v in got] == pytest.approx(expected, rel=2e-3, abs=1e-5), (name, metric)
+        reference, state = teacher(whole), teacher(moved)
+        for key in reference:
+            torch.testing.assert_close(state[key], reference[key], rtol=1e-3, atol=1e-5, msg=f"{name}: {key}")
+
+
 def _train_worker_pids() -> list[int]:
     """PIDs of this session's live Ray Train workers: children of our raylet (other Ray instances may run)."""
     import psutil
