@@ -9,7 +9,7 @@ keep that protocol on cached features and make the sharing explicit:
 - the heads of one layout (all learning rates) are stacked into one [L, C, D] weight, so their
   logits come from one matrix multiply, and one momentum-SGD op updates them all with a per-head
   learning-rate tensor under the shared cosine schedule (equivalent to one torch param group per
-  head, which we measured to be ~2x slower overall; see ``_StackedSGD``);
+  head, which we measured to be ~2x slower overall; see ``linear_heads.StackedSGD``);
 - the loss is the sum of the per-head mean cross-entropies, so each head's gradient is exactly the
   one it would get alone.
 
@@ -23,7 +23,6 @@ test set. Here the best head is picked on a validation split held out from train
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -34,26 +33,10 @@ from torch import nn
 
 from dino_ray.evals.config import LR_GRID_CODE, LinearGridConfig
 from dino_ray.evals.features import ArrayLike, as_labels, infer_num_classes, linear_input
+from dino_ray.evals.linear_heads import HeadSpec, LayoutHeads, LinearHead, StackedSGD, cosine_factor, init_weight
 
 __all__ = ["LR_GRID_CODE", "GridResult", "HeadSpec", "LinearGridConfig", "LinearHead", "evaluate_head",
            "gather_rows", "split_train_val", "train_linear_grid", "train_single_head"]
-
-@dataclass(frozen=True)
-class HeadSpec:
-    n_blocks: int  # CLS tokens of the last n blocks
-    avgpool: bool  # + mean patch token of the last block
-    lr: float  # base grid value, before batch scaling
-
-    @property
-    def name(self) -> str:
-        return f"blocks{self.n_blocks}_{'avgpool' if self.avgpool else 'cls'}_lr{self.lr:g}"
-
-
-@dataclass
-class LinearHead:
-    spec: HeadSpec
-    weight: np.ndarray  # [num_classes, D_in], nn.Linear convention
-    bias: np.ndarray  # [num_classes]
 
 
 @dataclass
@@ -101,21 +84,12 @@ def gather_rows(features: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return features.index_select(0, idx)
 
 
-def _init_weight(d_in: int, num_classes: int, std: float, generator: torch.Generator) -> torch.Tensor:
-    return torch.randn(num_classes, d_in, generator=generator) * std
-
-
 def _generators(seed: int) -> tuple[torch.Generator, torch.Generator]:
     """Independent streams for head init and data order: a head's init and its minibatches then do
     not depend on how many other heads share the run, so a grid head reproduces its solo run."""
     init_seed, order_seed = np.random.SeedSequence(seed).generate_state(2)
     return (torch.Generator().manual_seed(int(init_seed)),
             torch.Generator().manual_seed(int(order_seed)))
-
-
-def _cosine(total_steps: int) -> Callable[[int], float]:
-    """LR multiplier at a step: cosine from 1 to 0 over the run (no warm-up, as in DINOv2)."""
-    return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
 
 
 def _batch_plan(n: int, cfg: LinearGridConfig) -> tuple[int, int]:
@@ -142,69 +116,6 @@ def _fit(x: torch.Tensor, y: torch.Tensor,
             update(loss_fn(xb, y[idx].to(device, non_blocking=True)), fetched)
             fetched += 1
     return fetched
-
-
-class _StackedSGD:
-    """Momentum SGD over stacked heads, each slice along dim 0 with its own learning rate.
-
-    Same update as ``torch.optim.SGD`` (buf = momentum * buf + grad + wd * w; w -= lr * buf) with the
-    shared cosine factor, but one fused op per stacked tensor instead of one param group per head:
-    with 52 param groups the optimiser's Python loop took ~35% of a grid step on CPU (measured), and
-    the stacked update made the whole grid ~1.9x faster. ``train_single_head`` uses torch's SGD, and
-    a test checks that a grid head ends with the same weights as the same head trained alone."""
-
-    def __init__(self, params_with_lrs: list[tuple[nn.Parameter, torch.Tensor]],
-                 cfg: LinearGridConfig, total_steps: int) -> None:
-        self.params_with_lrs = params_with_lrs
-        self.buffers = [torch.zeros_like(p) for p, _ in params_with_lrs]
-        self.momentum, self.weight_decay = cfg.momentum, cfg.weight_decay
-        self.factor = _cosine(total_steps)
-
-    def __call__(self, loss: torch.Tensor, step: int) -> None:
-        for param, _ in self.params_with_lrs:
-            param.grad = None
-        loss.backward()
-        factor = self.factor(step)
-        with torch.no_grad():
-            for (param, lr), buf in zip(self.params_with_lrs, self.buffers):
-                grad = param.grad
-                if self.weight_decay:
-                    grad = grad.add(param, alpha=self.weight_decay)
-                buf.mul_(self.momentum).add_(grad)
-                param.addcmul_(lr * factor, buf, value=-1.0)
-
-
-class _LayoutHeads:
-    """All heads (one per learning rate) that read the same column slice of the shared batch.
-
-    Their weights live in one [L, C, D] parameter: the logits of all L heads come from a single
-    matmul, and the optimiser updates them in one op with a per-head learning-rate tensor."""
-
-    def __init__(self, specs: list[HeadSpec], columns: slice, d_in: int, num_classes: int,
-                 cfg: LinearGridConfig, generator: torch.Generator) -> None:
-        self.specs, self.columns, self.num_classes = specs, columns, num_classes
-        device = torch.device(cfg.device)
-        weights = [_init_weight(d_in, num_classes, cfg.init_std, generator) for _ in specs]
-        self.weight = nn.Parameter(torch.stack(weights).to(device))
-        self.bias = nn.Parameter(torch.zeros(len(specs), num_classes, device=device))
-        lrs = torch.tensor([cfg.scaled_lr(s.lr) for s in specs], device=device)
-        self.params_with_lrs = [(self.weight, lrs.view(-1, 1, 1)), (self.bias, lrs.view(-1, 1))]
-
-    def logits(self, x_full: torch.Tensor) -> torch.Tensor:
-        """[B, L, C] from one matmul against the [L*C, D] view of the stacked weights."""
-        n_heads, d_in = self.weight.shape[0], self.weight.shape[2]
-        out = F.linear(x_full[:, self.columns], self.weight.view(-1, d_in), self.bias.view(-1))
-        return out.view(x_full.shape[0], n_heads, self.num_classes)
-
-    def loss(self, x_full: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Sum over heads of each head's mean cross-entropy (independent per-head gradients)."""
-        logits = self.logits(x_full)
-        targets = y.repeat_interleave(len(self.specs))
-        return F.cross_entropy(logits.flatten(0, 1), targets, reduction="sum") / x_full.shape[0]
-
-    def head(self, i: int) -> LinearHead:
-        return LinearHead(self.specs[i], self.weight[i].detach().cpu().numpy().copy(),
-                          self.bias[i].detach().cpu().numpy().copy())
 
 
 @torch.no_grad()
@@ -241,7 +152,7 @@ def _labels(y: ArrayLike, n: int, name: str) -> torch.Tensor:
 
 
 def _build_layouts(lrs: Sequence[float], d: int, num_classes: int, cfg: LinearGridConfig,
-                   generator: torch.Generator) -> list[_LayoutHeads]:
+                   generator: torch.Generator) -> list[LayoutHeads]:
     """One stack of heads per (n_blocks, avgpool) input layout, in a fixed order."""
     max_blocks = max(cfg.n_last_blocks)
     layouts = []
@@ -249,12 +160,12 @@ def _build_layouts(lrs: Sequence[float], d: int, num_classes: int, cfg: LinearGr
         for pool in sorted(set(cfg.avgpool)):
             cols = _layout_columns(d, max_blocks, n_blocks, pool)
             specs = [HeadSpec(n_blocks, pool, float(lr)) for lr in lrs]
-            layouts.append(_LayoutHeads(specs, cols, cols.stop - cols.start, num_classes, cfg,
+            layouts.append(LayoutHeads(specs, cols, cols.stop - cols.start, num_classes, cfg,
                                         generator))
     return layouts
 
 
-def _select_on_val(layouts: list[_LayoutHeads], x_val: torch.Tensor, y_val: torch.Tensor,
+def _select_on_val(layouts: list[LayoutHeads], x_val: torch.Tensor, y_val: torch.Tensor,
                    cfg: LinearGridConfig) -> tuple[dict[HeadSpec, float], LinearHead]:
     """Every head's val top-1 and a copy of the best head (the first one on ties)."""
     val_top1: dict[HeadSpec, float] = {}
@@ -297,7 +208,7 @@ def train_linear_grid(train_feats: Mapping[str, ArrayLike], train_y: ArrayLike,
         return sum(layout.loss(xb, yb) for layout in layouts)
 
     total_steps = cfg.epochs * _batch_plan(x_train.shape[0], cfg)[1]
-    optimizer = _StackedSGD([pl for layout in layouts for pl in layout.params_with_lrs], cfg,
+    optimizer = StackedSGD([pl for layout in layouts for pl in layout.params_with_lrs], cfg,
                             total_steps)
     fetched = _fit(x_train, y_train, grid_loss, optimizer, cfg, order_gen)
     val_top1, best = _select_on_val(layouts, x_val, y_val, cfg)
@@ -319,13 +230,13 @@ def train_single_head(train_feats: Mapping[str, ArrayLike], train_y: ArrayLike,
     num_classes = infer_num_classes(cfg.num_classes, y_train, y_val)
     init_gen, order_gen = _generators(seed)
     device = torch.device(cfg.device)
-    weight = nn.Parameter(_init_weight(x_train.shape[1], num_classes, cfg.init_std,
+    weight = nn.Parameter(init_weight(x_train.shape[1], num_classes, cfg.init_std,
                                        init_gen).to(device))
     bias = nn.Parameter(torch.zeros(num_classes, device=device))
     optimizer = torch.optim.SGD([weight, bias], lr=cfg.scaled_lr(lr), momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     total_steps = cfg.epochs * _batch_plan(x_train.shape[0], cfg)[1]
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine(total_steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_factor(total_steps))
 
     def loss_fn(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(F.linear(xb, weight, bias), yb)
