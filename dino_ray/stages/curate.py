@@ -26,17 +26,11 @@ from dino_ray.config.loader import config_hash
 from dino_ray.data.decode import policy as decode_policy
 from dino_ray.data.sources import unlisted_summary
 from dino_ray.stages.contract import StageContext, StageResult
-from dino_ray.stages.inference import BackboneRef, InferenceSpec, run_inference
+from dino_ray.stages.inference import BackboneRef, InferenceSpec, image_rows, run_inference
 
 log = logging.getLogger("dino_ray.curate")
 MANIFEST = "manifest.parquet"
 DROPPED = "dropped.parquet"  # every pool file not in the manifest, with why
-
-
-def _rows(source: Any, unlisted: list[tuple[str, str]]) -> list[dict]:
-    from dino_ray.data.sources import list_images
-
-    return [{"id": r.id, "uri": r.uri, "label": r.label} for r in list_images(source, unlisted=unlisted)]
 
 
 def _embed(name: str, source: Any, embedder: BackboneRef, job: Any, ctx: StageContext,
@@ -44,7 +38,7 @@ def _embed(name: str, source: Any, embedder: BackboneRef, job: Any, ctx: StageCo
     cfg = job.curate.embed
     spec = InferenceSpec(backbone=embedder, image_size=cfg.image_size, mode="embed", decode=job.curate.decode,
                          flip_invariant=cfg.flip_invariant)
-    rows = _rows(source, unlisted)
+    rows = image_rows(source, unlisted)
     if not rows:
         raise ValueError(f"curate: no images found for {name} at {source.uri}")
     # Cached per (embedder weights, embedding settings, source): re-running with other curation

@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 
 from dino_ray import backbone_io, feature_store, model_registry, storage, tracking
+from dino_ray.config.loader import config_hash
 from dino_ray.stages.contract import StageContext, StageResult
-from dino_ray.stages.inference import BackboneRef, InferenceSpec, run_inference
+from dino_ray.stages.inference import BackboneRef, InferenceSpec, image_rows, run_inference
 
 log = logging.getLogger("dino_ray.eval")
 
@@ -64,8 +65,9 @@ def _features(cand: Candidate, split: str, rows: list[dict], ds_cfg: Any, job: A
     cfg = job.eval
     mode = "pixels" if cand.ref is None else "eval"
     spec = InferenceSpec(backbone=cand.ref, image_size=ds_cfg.image_size, mode=mode, decode=job.curate.decode)
+    # cached per (backbone weights, image size, decode policy): the decode policy changes what is embedded
     out = ctx.path("features", ds_cfg.name, f"{cand.name.replace('/', '_')}-{cand.cache_key}",
-                   str(ds_cfg.image_size), split)
+                   f"{ds_cfg.image_size}-{config_hash(job.curate.decode)[:8]}", split)
     shards, computed = run_inference(rows, spec, out, num_actors=1, cpus_per_actor=cfg.extract_cpus,
                                      gpus_per_actor=cfg.extract_gpus, batch_size=cfg.batch_size,
                                      task=f"eval features {cand.name}/{split}")
@@ -166,19 +168,13 @@ def _pca_picture(cand: Candidate, rows: list[dict], ds_cfg: Any, n: int) -> byte
     return buf.getvalue()
 
 
-def _rows(source: Any, unlisted: list[tuple[str, str]]) -> list[dict]:
-    from dino_ray.data.sources import list_images
-
-    return [{"id": r.id, "uri": r.uri, "label": r.label} for r in list_images(source, unlisted=unlisted)]
-
-
 def evaluate(cand: Candidate, ds_cfg: Any, job: Any, ctx: StageContext) -> tuple[dict[str, Any], bytes | None, int]:
     from dino_ray.evals.knn import knn_classify
     from dino_ray.evals.retrieval import retrieval_metrics
 
     cfg = job.eval
     unlisted: list[tuple[str, str]] = []  # named in the log by the listing; counted in the results
-    train_rows, test_rows = _rows(ds_cfg.train, unlisted), _rows(ds_cfg.test, unlisted)
+    train_rows, test_rows = image_rows(ds_cfg.train, unlisted), image_rows(ds_cfg.test, unlisted)
     train_x, train_y, c1, train_shards = _features(cand, "train", train_rows, ds_cfg, job, ctx)
     test_x, test_y, c2, test_shards = _features(cand, "test", test_rows, ds_cfg, job, ctx)
     results: dict[str, Any] = {"train_images": int(len(train_y)), "test_images": int(len(test_y)),

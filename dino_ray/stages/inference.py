@@ -157,6 +157,14 @@ def in_input_order(chunk: Sequence[dict], meta: dict[str, list], feats: dict[str
     return {k: [v[j] for j in order] for k, v in meta.items()}, {k: v[order] for k, v in feats.items()}
 
 
+def image_rows(source: Any, unlisted: list[tuple[str, str]]) -> list[dict]:
+    """The rows :func:`run_inference` reads: every image of a source (id, URI, label), in listing order;
+    what the listing could not list is appended to ``unlisted``."""
+    from dino_ray.data.sources import list_images
+
+    return [{"id": r.id, "uri": r.uri, "label": r.label} for r in list_images(source, unlisted=unlisted)]
+
+
 def run_inference(rows: Sequence[dict], spec: InferenceSpec, out_uri: str, *, num_actors: int = 1,
                   cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0, batch_size: int = 64,
                   shard_size: int = 4096, task: str = "inference") -> tuple[list[str], int]:
