@@ -129,6 +129,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                 if isinstance(saved, list) or saved.get("run_id") == spec.run_id:
                     rows = saved if isinstance(saved, list) else saved["rows"]
                     buffer.restore([(int(step), m) for step, m in rows])
+        buffer.expect_logged()  # the stopped attempt may have logged steps after this checkpoint
         log.info("rank %d resumed at step %d", rank, start_step)
 
     n_global, n_local = spec.data.crops.global_crops_number, spec.data.crops.local_crops_number

@@ -40,9 +40,11 @@ class MetricBuffer:
       succeeds (or in the end-of-training file). Losing the start of a very long outage beats running the
       worker out of memory.
     * Exactly once: after a failed flush some of its requests may have reached MLflow anyway (a batch
-      before the one that failed, a timeout after the server wrote), and rows restored from a checkpoint
-      may have been logged before the worker stopped. The next flush after either first reads which steps
-      MLflow has for each key and logs only the rest.
+      before the one that failed, a timeout after the server wrote), rows restored from a checkpoint may
+      have been logged before the worker stopped, and a run resumed from a checkpoint re-trains steps that
+      the stopped attempt may have logged after it (its later checkpoint was not the one resumed). After
+      any of these, flushes first read which steps MLflow has for each key and log only the rest, until a
+      flush finds none of its steps there.
     * :meth:`close` ends training with a longer bounded wait, then writes what is still unlogged to a file.
     """
 
@@ -99,9 +101,13 @@ class MetricBuffer:
             log.warning("MLflow reachable again at %s, flushed %d rows%s", self._where(), len(self.rows), dropped)
         elif dropped:
             log.warning("flushed %d metric rows to MLflow at %s%s", len(self.rows), self._where(), dropped)
-        self._outage, self._check_logged, self.dropped = None, False, 0
+        self._outage, self.dropped = None, 0
         self.rows.clear()
         return True
+
+    def expect_logged(self) -> None:
+        """The run resumes from a checkpoint: steps after it may already be in MLflow (see class)."""
+        self._check_logged = True
 
     def _log_rows(self) -> None:
         import mlflow
@@ -117,6 +123,8 @@ class MetricBuffer:
                  if step not in logged.get(k, ())]
         for i in range(0, len(items), 900):
             client.log_batch(self.run_id, metrics=items[i:i + 900])
+        # Keep checking while MLflow still had some of these steps: the next rows may be there too.
+        self._check_logged = any(step in steps for steps in logged.values() for step, _ in self.rows)
 
     def restore(self, rows: list[tuple[int, dict[str, float]]]) -> None:
         """Take over rows saved in a checkpoint (their flush may or may not have happened before the worker
