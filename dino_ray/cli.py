@@ -4,6 +4,7 @@
     dino-ray validate jobs/pretrain.yaml train.lr=1e-4
     dino-ray submit jobs/pretrain.yaml --address http://HOST:8265 [key.path=value ...]
     dino-ray report outputs/demo [--update-readme demo]
+    dino-ray plan jobs/presets/vitg14.yaml --gpus 256 --gpu-memory 80GB
 
 Job YAMLs start with ``#!/usr/bin/env -S dino-ray run``, so ``jobs/pretrain.yaml`` is itself a command
 (which is what ``ray job submit --working-dir . -- jobs/pretrain.yaml`` runs).
@@ -55,6 +56,18 @@ def _parser() -> argparse.ArgumentParser:
                     help="also say how far a second run of the same job (same seed) landed from this one")
     rp.set_defaults(overrides=[])
 
+    pl = sub.add_parser("plan", help="per-GPU memory, largest batch and step time of each training stage, "
+                                     "before anything runs (exit code 1 when a stage does not fit)")
+    pl.add_argument("job")
+    pl.add_argument("overrides", nargs="*")
+    pl.add_argument("--gpus", type=int, default=None,
+                    help="workers (one GPU each) for every training stage (default: each stage's num_workers)")
+    pl.add_argument("--gpu-memory", default="80GB", help="memory per GPU, e.g. 80GB, 40GiB (default 80GB)")
+    pl.add_argument("--peak-tflops", type=float, default=312.0, help="dense bf16 peak per GPU (A100: 312)")
+    pl.add_argument("--utilisation", type=float, default=0.4, help="share of the peak a step reaches (default 0.4)")
+    pl.add_argument("--reserve", default="2GiB", help="per-GPU memory kept for CUDA context and allocator slack")
+    pl.add_argument("--cpu", action="store_true", help="plan CPU workers of this machine instead of GPUs")
+
     sm = sub.add_parser("submit", help="submit a job YAML to a Ray cluster's job server and stream its logs")
     sm.add_argument("job")
     sm.add_argument("overrides", nargs="*")
@@ -80,6 +93,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from dino_ray.config.loader import load_job
 
     job = load_job(args.job, args.overrides)
+    _check_plan(job, args.job)
     from dino_ray import tracking
     from dino_ray.console import Console
     from dino_ray.pipeline import Pipeline
@@ -102,6 +116,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_plan(job, source: str) -> None:
+    """Stages that declare train.scaling.gpu_memory are planned; one that does not fit is a config error."""
+    from dino_ray.plan import check_job_fits
+
+    check_job_fits(job, source)
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     import yaml
 
@@ -109,8 +130,32 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from dino_ray.config.typed import to_dict
 
     job = load_job(args.job, args.overrides)
+    _check_plan(job, args.job)
     print(yaml.safe_dump(to_dict(job), sort_keys=False))
     return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from dino_ray.config.loader import load_job
+    from dino_ray.plan import Hardware, parse_bytes, plan_job
+    from dino_ray.plan.report import render
+
+    job = load_job(args.job, args.overrides, check_inputs=False)  # a plan needs no data to exist
+    try:
+        memory, reserve = parse_bytes(args.gpu_memory), parse_bytes(args.reserve)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    stages = [s for s in job.stages if s in ("pretrain", "highres", "distill")]
+    if not stages:
+        raise ConfigError(f"the job runs no training stage (stages: {job.stages}); nothing to plan", "stages")
+    plans = []
+    for stage in stages:
+        workers = args.gpus or getattr(job, stage).train.scaling.num_workers
+        hw = Hardware(workers=workers, memory_bytes=memory, device="cpu" if args.cpu else "cuda",
+                      peak_tflops=args.peak_tflops, utilisation=args.utilisation, reserve_bytes=reserve)
+        plans += plan_job(job, hw, only=stage)
+    print(render(plans, hw, args.job))
+    return 0 if all(p.fits for p in plans) else 1
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -138,6 +183,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from dino_ray.config.loader import load_job
 
     job = load_job(args.job, args.overrides)  # fail here, not on the cluster
+    _check_plan(job, args.job)
     if not args.address:
         raise ConfigError("no job server address: pass --address http://HOST:8265 or set RAY_ADDRESS")
     _auth_env()
@@ -232,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_output(verbose=args.command != "run" or args.verbose)  # only `run` is quiet by default
     try:
         _split_args(args)
-        return {"run": cmd_run, "validate": cmd_validate, "submit": cmd_submit,
+        return {"run": cmd_run, "validate": cmd_validate, "submit": cmd_submit, "plan": cmd_plan,
                 "report": cmd_report}[args.command](args)
     except ConfigError as e:
         print(f"dino-ray: config error: {e}", file=sys.stderr)

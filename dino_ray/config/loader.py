@@ -118,8 +118,9 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return data
 
 
-def load_job(path: str | os.PathLike, overrides: Sequence[str] = ()):
-    """Load, merge, override and validate a job file into a :class:`JobConfig`."""
+def load_job(path: str | os.PathLike, overrides: Sequence[str] = (), check_inputs: bool = True):
+    """Load, merge, override and validate a job file into a :class:`JobConfig`. ``check_inputs=False`` skips
+    the checks that the job's input paths exist (for ``dino-ray plan``, which reads only the recipe)."""
     from dino_ray.config.schema import JobConfig
 
     raw, files = load_raw(path)
@@ -128,7 +129,8 @@ def load_job(path: str | os.PathLike, overrides: Sequence[str] = ()):
     cfg = build(JobConfig, raw, "", source)
     cfg.sources = files
     cfg.absolutize()
-    cfg.check_inputs(source)
+    if check_inputs:
+        cfg.check_inputs(source)
     return cfg
 
 

@@ -74,6 +74,15 @@ class ScalingConfig:
     gpus_per_worker: float = bounded(1.0, ge=0.0)
     accelerator_type: Optional[str] = None  # e.g. "H100"; None: any
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # Memory of each worker's GPU, e.g. "80GB": validation then plans the stage (`dino-ray plan`) and refuses
+    # a job whose step does not fit, with the plan's table, before any cluster work. None: not checked.
+    gpu_memory: Optional[str] = bounded(None, operational=True)
+
+    def validate(self) -> None:
+        if self.gpu_memory is not None:
+            from dino_ray.plan import parse_bytes
+
+            parse_bytes(self.gpu_memory)
 
 
 @dataclass
@@ -91,6 +100,9 @@ class TrainConfig:
     data_cpus: float = bounded(0.25, gt=0.0, operational=True)  # CPUs per preprocessing task (fractional: shares small clusters)
     data_workers: int = bounded(2, ge=1, operational=True)  # preprocessing actors per train worker
     threads_per_worker: Optional[int] = bounded(None, ge=1)  # torch intra-op threads (None: leave as is)
+    # Recompute each transformer block's activations during the backward: a step then keeps one block's
+    # activations instead of all of them, for one more forward of compute (`dino-ray plan` shows both).
+    activation_checkpointing: bool = bounded(False, operational=True)
     # What a collapse alarm does (dino_ray.train.alarms): warn = log + tag the MLflow run and go on;
     # stop = also end the stage with an error, after checkpointing the current step.
     on_collapse: Literal["warn", "stop"] = "warn"

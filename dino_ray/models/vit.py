@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from dino_ray.models.layers import Block, PatchEmbed, TokenGroups
 from dino_ray.models.layers.block import FFN_LAYERS
@@ -149,7 +150,14 @@ class DinoVisionTransformer(nn.Module):
         ])
         self.norm = nn.LayerNorm(d, eps=1e-6)
         self.mask_token = nn.Parameter(torch.zeros(1, d))
+        self.grad_checkpointing = False
         self.init_weights()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward instead of keeping them (training memory
+        of one block instead of all, for one more forward). Stochastic depth draws the same subsets in
+        the recompute: the checkpoint restores the RNG state."""
+        self.grad_checkpointing = bool(enable)
 
     # ----------------------------------------------------------------------------------- init
     def init_weights(self) -> None:
@@ -240,7 +248,10 @@ class DinoVisionTransformer(nn.Module):
         groups = TokenGroups.of(token_groups)
         x = TokenGroups.pack(token_groups)
         for block in self.blocks:
-            x = block(x, groups)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, groups, use_reentrant=False)
+            else:
+                x = block(x, groups)
         normed = groups.split(self.norm(x))
         prenorm = groups.split(x)
         r = self.num_register_tokens

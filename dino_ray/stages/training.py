@@ -174,6 +174,10 @@ def _timing(value: dict[str, Any], ctx: StageContext) -> dict[str, float]:
                 last = marks[key]
     if value.get("images_per_s"):
         timing["train_images_per_s"] = round(value["images_per_s"], 2)
+    for rank, (before, peak) in enumerate(value.get("memory_by_rank") or []):
+        # per worker: the high-water mark, and what the process held before the models were built
+        timing[f"memory/rank{rank}_peak_gb"] = round(peak / 2 ** 30, 3)
+        timing[f"memory/rank{rank}_before_models_gb"] = round(before / 2 ** 30, 3)
     if value.get("monitor_s") and value.get("steady_s"):
         # The monitor's cost: its share of the steady-state time, which train_images_per_s already pays.
         timing["monitor_s"] = round(value["monitor_s"], 2)

@@ -27,7 +27,8 @@ from dino_ray.train.loop_spec import LoopSpec
 from dino_ray.train.engines import (Member, build_ssl_model, disable_jit_ops, ds_config, inference_engine,
                                     frozen_teacher, load_ssl_state, worker_device)
 from dino_ray.train.metric_buffer import PENDING_METRICS, MetricBuffer
-from dino_ray.train.ranks import all_finite, mean_over_ranks, summed_over_ranks
+from dino_ray.train.memory_probe import StepMemory
+from dino_ray.train.ranks import all_finite, gathered_over_ranks, mean_over_ranks, summed_over_ranks
 from dino_ray.train.train_state import checkpoint_step, export, restore, save_and_report
 
 log = logging.getLogger("dino_ray.train")
@@ -78,10 +79,14 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     batches = started_early(ssl_batches(stream, spec.data, num_actors=spec.train.data_workers,
                                         cpus_per_actor=spec.train.data_cpus))
 
+    # memory before any model exists: what the planner's per-worker figures sit on (dino-ray plan)
+    memory = StepMemory(device)
+    memory.before_models()
     members: list[Member] = []
     for st in spec.students:
         torch.manual_seed(spec.seed)  # identical init on every rank and for every world size
         student = build_ssl_model(st.model, spec.loss, drop_path=not distill)
+        student.backbone.set_grad_checkpointing(spec.train.activation_checkpointing)
         if spec.init_from:
             load_ssl_state(student, spec.init_from)
         ema = copy.deepcopy(student)
@@ -106,6 +111,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         teacher = members[0].ema
 
     marks["engines_ready_at"] = time.time()
+    memory.start()
     objectives = [SSLObjective(spec.loss).to(device) for _ in members]
     global_batch = spec.train.batch_size_per_worker * world
     schedules = TrainSchedules.from_config(spec.schedule, global_batch)
@@ -149,6 +155,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     first_step_at, first_step = None, start_step  # stage overhead and steady-state speed, for the summary
     monitor_s = 0.0  # time spent on monitor points after the first step (part of the steady-state time)
     progress = Reporter(spec.stage.replace("_", " "), total, "steps") if rank == 0 else None
+    step_peak = 0  # stays 0 when a resume starts at the last step
     for batch in batches:
         if step >= total:
             break
@@ -185,6 +192,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                 metrics.update(watch.diagnostics(m.name, targets, cls_tokens, terms))
                 metrics.update({f"{prefix}grad_norm/{part}": float(n) for part, n in grad_norms.items()})
         step += 1
+        if step == total:
+            step_peak = memory.peak()  # the steps' high-water mark, before the last checkpoint and the export
         imgs_since += global_batch
         if first_step_at is None:
             first_step_at, first_step = time.time(), step
@@ -223,6 +232,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     if step < total:
         raise RuntimeError(f"the input stream ended at step {step} of {total}")
 
+    memory_by_rank = gathered_over_ranks([memory.before, step_peak], device)
     steady = time.time() - (first_step_at or time.time())
     skipped = {r: n for r, n in zip(SKIP_REASONS, summed_over_ranks(skips, device).tolist()) if n}
     export(spec, members, rank)
@@ -230,5 +240,5 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     return {"final_step": step, "resumed_at_step": start_step, "precision": precision.name,
             "precision_reason": precision.reason,
             "first_step_at": first_step_at, "startup_marks": marks, "alarms": watch.summary(), "monitor_s": monitor_s, "steady_s": steady,
-            "skipped_by_reason": skipped,
+            "skipped_by_reason": skipped, "memory_by_rank": memory_by_rank,
             "images_per_s": (step - first_step) * global_batch / steady if steady > 0 else None}

@@ -30,3 +30,13 @@ def summed_over_ranks(counts: torch.Tensor, device: torch.device) -> torch.Tenso
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(total)
     return total.cpu()
+
+
+def gathered_over_ranks(values: list[float], device: torch.device) -> list[list[float]]:
+    """Every rank's ``values``, in rank order (a collective: all ranks call it)."""
+    row = torch.tensor(values, dtype=torch.float64, device=device)
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return [row.cpu().tolist()]
+    rows = [torch.empty_like(row) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(rows, row)
+    return [r.cpu().tolist() for r in rows]

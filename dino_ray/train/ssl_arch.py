@@ -74,7 +74,7 @@ class SSLModel(nn.Module):
             raise ValueError(f"masks {tuple(masks.shape)} do not match the patch grid {tuple(patches.shape[:2])}")
         masked_patches = patches[masks] if masks is not None else patches.new_zeros((0, patches.shape[-1]))
         cls_inputs = [global_cls] + ([local_out["x_norm_clstoken"]] if local_out is not None else [])
-        cls_logits, masked_logits = self._heads(cls_inputs, masked_patches)
+        cls_logits, masked_logits = self.heads(cls_inputs, masked_patches)
         return {
             "global_cls_logits": cls_logits[0],
             "local_cls_logits": cls_logits[1] if local_out is not None else None,
@@ -94,7 +94,7 @@ class SSLModel(nn.Module):
         global_out, local_out = self.backbone([global_crops, local_crops], [masks, None], is_training=True)
         return global_out, local_out
 
-    def _heads(self, cls_inputs: List[Tensor], masked_patches: Tensor) -> Tuple[List[Tensor], Tensor]:
+    def heads(self, cls_inputs: List[Tensor], masked_patches: Tensor) -> Tuple[List[Tensor], Tensor]:
         """One DINO-head call on all CLS tokens (and masked patches when shared), one iBOT-head call.
 
         The iBOT head runs even on zero masked tokens, so every parameter takes part in every step

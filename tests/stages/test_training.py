@@ -34,7 +34,8 @@ def metric_steps(job, name: str) -> list[tuple[int, float]]:
 def test_two_zero3_workers_match_one_worker_over_several_real_steps(ray_session, cifar10_dir, tmp_path):
     """ZeRO-3 on 2 workers (batch 8 each) against 1 worker (batch 16) on the same global batches, over 5 steps
     with a non-zero learning rate from step 1: gradient averaging, per-part clipping, the optimizer step and
-    the shard-local EMA all enter the losses of steps 2-5 and the exported EMA teacher (backbone and heads)."""
+    the shard-local EMA all enter the losses of steps 2-5 and the exported EMA teacher (backbone and heads).
+    The two workers also recompute their blocks' activations in the backward (activation checkpointing)."""
     import torch
 
     # KoLeo is computed per rank on the local batch (as in DINOv2), so its gradient depends on the world size:
@@ -48,9 +49,13 @@ def test_two_zero3_workers_match_one_worker_over_several_real_steps(ray_session,
                        "pretrain.train.batch_size_per_worker=16", "pretrain.train.scaling.num_workers=1")
     two = pretrain_job(tmp_path, cifar10_dir / "train", "two", *common,
                        "pretrain.train.batch_size_per_worker=8", "pretrain.train.scaling.num_workers=2",
-                       "pretrain.train.scaling.cpus_per_worker=0.5")
+                       "pretrain.train.scaling.cpus_per_worker=0.5",
+                       # recomputing each block in the backward must not change a single number under ZeRO-3
+                       "pretrain.train.activation_checkpointing=true")
     Pipeline(one, ensure_ray=lambda: None).run()
-    Pipeline(two, ensure_ray=lambda: None).run()
+    summary = Pipeline(two, ensure_ray=lambda: None).run()["pretrain"]["summary"]
+    for rank in (0, 1):  # each worker's memory, what `dino-ray plan` is checked against
+        assert 0 < summary[f"memory/rank{rank}_before_models_gb"] < summary[f"memory/rank{rank}_peak_gb"] < 8
     assert [v for _, v in metric_steps(one, "lr")][:2] == pytest.approx([0.0, 2.0e-3])  # steps 2-5 learn
     assert max(v for _, v in metric_steps(one, "grad_norm/dino_head")) > 0.5  # clipping is in play
     for name in ("dino_global_crops_loss", "dino_local_crops_loss", "ibot_loss", "grad_norm/backbone",

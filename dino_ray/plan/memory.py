@@ -1,0 +1,238 @@
+"""Per-device memory and step time of each training stage of a job, before anything runs.
+
+Memory per worker = model state + DeepSpeed's working buffers + activations + teacher targets + a fixed
+reserve (the framework: CUDA context and allocator slack on a GPU, the Python process on a CPU).
+
+Model state follows the engines of ``train/engines.py``, in bytes per parameter P, world size N:
+
+| ZeRO stage | student (params, master, grads, AdamW m and v) | EMA / frozen teacher |
+|---|---|---|
+| 3, bf16 (GPU) | (2 + 4 + 4 + 8) P / N: bf16 weights, fp32 master, fp32 grads, fp32 m, v | 4 P / N (fp32 shard) |
+| 3, fp32 | (4 + 4 + 4 + 8) P / N: DeepSpeed keeps an fp32 flat master beside the fp32 weights | 4 P / N |
+| 2 | 4 P + (4 + 8) P / N: weights replicated, grads and optimizer sharded | 4 P |
+| 1 | (4 + 4) P + 8 P / N | 4 P |
+| 0 | 16 P | 4 P |
+
+At stages 0-2 the weights stay fp32 and bf16 runs as autocast, whose cast copies of the weights add 2 P.
+ZeRO-3 gathers each module's weights for its forward and backward: the largest module gathered plus the
+prefetch bucket (5e7 elements) and the gradient reduce bucket (5e8 elements), DeepSpeed's defaults, each
+capped at the model size, are the buffers. Activations are traced (``plan/trace.py``), with and without
+per-block activation checkpointing. Students of a distillation step run one after the other, so their
+activations do not add up; their states do.
+
+Step time = FLOPs per step / (peak FLOP/s x utilisation): forward + backward of the student (3x its
+forward; 4x with checkpointing, which runs the forward twice) and the teacher's forward on the global crops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from dino_ray.plan.trace import StepTrace, trace_step
+
+GiB = 2 ** 30
+PREFETCH_BUCKET = 50_000_000  # DeepSpeed stage3_prefetch_bucket_size default (elements)
+REDUCE_BUCKET = 500_000_000  # DeepSpeed reduce_bucket_size default (elements)
+TRAINING_STAGES = ("pretrain", "highres", "distill")
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What each worker runs on; the defaults describe an A100-80GB at DINOv2's measured utilisation."""
+
+    workers: int  # GPUs (one Ray Train worker each)
+    memory_bytes: int  # memory per GPU (or per CPU worker)
+    device: str = "cuda"  # "cuda" or "cpu": decides bf16 engines and the traced dtype
+    peak_tflops: float = 312.0  # dense bf16 peak of an A100
+    utilisation: float = 0.4  # share of the peak a step reaches (DINOv2 ViT-g/14: ~0.4, see README)
+    reserve_bytes: int = 2 * GiB  # CUDA context + allocator slack (a CPU worker: the Python process)
+
+
+@dataclass
+class Member:
+    """One trained student (and its EMA) of a stage, traced at the stage's batch and at twice it."""
+
+    name: str
+    trace: StepTrace
+    trace_2x: StepTrace
+
+    @property
+    def params(self) -> int:
+        return sum(self.trace.params.values())
+
+    def activations(self, batch: int, checkpointing: bool) -> int:
+        """Saved activations at ``batch``, linear through the two traced batches."""
+        a = self.trace.checkpointed_saved_bytes if checkpointing else self.trace.saved_bytes
+        b = self.trace_2x.checkpointed_saved_bytes if checkpointing else self.trace_2x.saved_bytes
+        b1, b2 = self.trace.batch, self.trace_2x.batch
+        slope = (b - a) / (b2 - b1)
+        return int(a + slope * (batch - b1))
+
+
+@dataclass
+class StagePlan:
+    """The memory table row of one stage, all figures per worker."""
+
+    stage: str
+    models: str
+    batch: int
+    zero_stage: int
+    precision: str
+    params: int
+    state_bytes: int
+    buffer_bytes: int
+    activation_bytes: int
+    activation_ckpt_bytes: int
+    target_bytes: int
+    reserve_bytes: int
+    memory_bytes: int
+    largest_batch: int
+    largest_batch_ckpt: int
+    step_tflop: float
+    step_s: float
+    step_ckpt_s: float
+    checkpointing: bool
+    notes: list[str] = field(default_factory=list)
+
+    def total(self, checkpointing: bool) -> int:
+        act = self.activation_ckpt_bytes if checkpointing else self.activation_bytes
+        return self.state_bytes + self.buffer_bytes + act + self.target_bytes + self.reserve_bytes
+
+    @property
+    def fits(self) -> bool:
+        """Whether the stage as configured (with its own checkpointing setting) fits."""
+        return self.total(self.checkpointing) <= self.memory_bytes
+
+
+def state_bytes(params: int, zero_stage: int, world: int, bf16_engine: bool, autocast_bf16: bool,
+                ema_params: int) -> int:
+    """Student + EMA (or frozen teacher) state per worker (the table in the module docstring)."""
+    n = max(1, world)
+    if zero_stage == 3:
+        student = (2 + 4 + 4 + 8) * params / n if bf16_engine else (4 + 4 + 4 + 8) * params / n
+        return int(student + 4 * ema_params / n)
+    student = {0: 16 * params, 1: 8 * params + 8 * params / n, 2: 4 * params + 12 * params / n}[zero_stage]
+    if autocast_bf16:
+        student += 2 * params
+    return int(student + 4 * ema_params)
+
+
+def buffer_bytes(params: int, largest_module: int, zero_stage: int, weight_bytes: int) -> int:
+    """ZeRO-3's gathered weights, prefetch and reduce buckets (0 at stages 0-2, where nothing is gathered)."""
+    if zero_stage != 3:
+        return 0
+    return int(weight_bytes * (min(largest_module, params) + min(PREFETCH_BUCKET, params)
+                               + min(REDUCE_BUCKET, params)))
+
+
+def largest_module_params(model_cfg: Any, loss_cfg: Any) -> int:
+    """Parameters of the largest leaf module (what ZeRO-3 gathers at once): the prototype layer or a linear."""
+    import torch
+
+    from dino_ray.train.engines import build_ssl_model
+
+    with torch.device("meta"):
+        model = build_ssl_model(model_cfg, loss_cfg, drop_path=False)
+    return max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+
+
+def _precision(train: Any, hw: Hardware) -> tuple[str, bool, bool]:
+    """(traced activation dtype, DeepSpeed bf16 engine, bf16 autocast) as ``train/loop.py`` decides them."""
+    if train.precision == "auto" and hw.device == "cpu":
+        from dino_ray.train.precision import cpu_bf16_flags
+
+        bf16 = bool(cpu_bf16_flags())  # a CPU plan is for this machine: auto picks bf16 only where it is native
+    else:
+        bf16 = train.precision == "bf16" or (train.precision == "auto" and hw.device == "cuda")
+    engine = bf16 and hw.device == "cuda" and train.zero_stage == 3
+    return ("bf16" if bf16 else "fp32"), engine, bf16 and not engine
+
+
+def plan_stage(stage: str, members: list[tuple[str, Any]], loss_cfg: Any, crops: Any, masking: Any, train: Any,
+               hw: Hardware, teacher_cfg: Any = None) -> StagePlan:
+    """Plan one training stage. ``members`` are (name, ModelConfig) of the trained students;
+    ``teacher_cfg`` the frozen teacher's ModelConfig (distillation) or None (the EMA is the teacher)."""
+    dtype, bf16_engine, autocast = _precision(train, hw)
+    batch = train.batch_size_per_worker
+    traced = [Member(name, trace_step(cfg, loss_cfg, crops, masking, batch, dtype),
+                     trace_step(cfg, loss_cfg, crops, masking, 2 * batch, dtype)) for name, cfg in members]
+    teacher = (trace_step(teacher_cfg, loss_cfg, crops, masking, batch, dtype, drop_path=False)
+               if teacher_cfg is not None else None)
+    weight_bytes = 2 if bf16_engine else 4
+    state = sum(state_bytes(m.params, train.zero_stage, hw.workers, bf16_engine, autocast, m.params) for m in traced)
+    largest = max(largest_module_params(cfg, loss_cfg) for _, cfg in members)
+    total_params = sum(m.params for m in traced)
+    if teacher is not None:
+        t_params = sum(teacher.params.values())
+        state += state_bytes(0, train.zero_stage, hw.workers, False, False, t_params)
+        largest = max(largest, largest_module_params(teacher_cfg, loss_cfg))
+        total_params += t_params
+    buffers = buffer_bytes(total_params, largest, train.zero_stage, weight_bytes)
+    targets = (teacher or traced[0].trace).target_bytes
+    fixed = state + buffers + hw.reserve_bytes
+
+    def acts(b: int, ckpt: bool) -> int:
+        return max(m.activations(b, ckpt) for m in traced)
+
+    def targets_at(b: int) -> int:
+        return int(targets * b / batch)
+
+    def largest_batch(ckpt: bool) -> int:
+        b = 0
+        while b < 1 << 16 and fixed + acts(b + 1, ckpt) + targets_at(b + 1) <= hw.memory_bytes:
+            b += 1
+        return b
+
+    teacher_flops = (teacher.teacher_flops if teacher is not None else traced[0].trace.teacher_flops)
+    student_flops = sum(m.trace.student_flops for m in traced)
+    flops = 3 * student_flops + teacher_flops
+    per_s = hw.peak_tflops * 1e12 * hw.utilisation
+    notes = []
+    if hw.device == "cuda" and dtype == "bf16" and not bf16_engine:
+        notes.append("bf16 autocast over fp32 weights: activations traced in bf16; the fp32 residual stream adds some")
+    return StagePlan(
+        stage=stage, models=", ".join(m.name for m in traced) + (" (teacher frozen)" if teacher is not None else ""),
+        batch=batch, zero_stage=train.zero_stage, precision=dtype, params=total_params, state_bytes=state,
+        buffer_bytes=buffers, activation_bytes=acts(batch, False), activation_ckpt_bytes=acts(batch, True),
+        target_bytes=targets, reserve_bytes=hw.reserve_bytes, memory_bytes=hw.memory_bytes,
+        largest_batch=largest_batch(False), largest_batch_ckpt=largest_batch(True),
+        step_tflop=flops / 1e12, step_s=flops / per_s, step_ckpt_s=(flops + student_flops) / per_s,
+        checkpointing=bool(getattr(train, "activation_checkpointing", False)), notes=notes)
+
+
+def plan_job(job: Any, hw: Hardware, only: str | None = None) -> list[StagePlan]:
+    """A plan row for every training stage the job runs (or only the stage ``only``)."""
+    from types import SimpleNamespace
+
+    plans = []
+    for stage in [s for s in job.stages if s in TRAINING_STAGES and only in (None, s)]:
+        cfg = getattr(job, stage)
+        if stage == "pretrain":
+            plans.append(plan_stage(stage, [(cfg.model.arch, cfg.model)], cfg.loss, cfg.data.crops,
+                                    cfg.data.masking, cfg.train, hw))
+        elif stage == "highres":
+            model = SimpleNamespace(arch=job.pretrain.model.arch,
+                                    backbone_kwargs=lambda m=job.pretrain.model, s=cfg.img_size:
+                                    {**m.backbone_kwargs(), "img_size": s})
+            plans.append(plan_stage(stage, [(job.pretrain.model.arch, model)], cfg.loss, cfg.data.crops,
+                                    cfg.data.masking, cfg.train, hw))
+        else:
+            plans.append(plan_stage(stage, [(s.name, s.model) for s in cfg.students], cfg.loss, cfg.data.crops,
+                                    None, cfg.train, hw, teacher_cfg=teacher_model(job, cfg.teacher)))
+    return plans
+
+
+def teacher_model(job: Any, teacher: str) -> Any:
+    """The distillation teacher's model config: a stage's own, or the config exported beside a checkpoint."""
+    from types import SimpleNamespace
+
+    if teacher == "pretrain" or (teacher == "highres" and "highres" not in job.stages):
+        return job.pretrain.model
+    if teacher == "highres":
+        return SimpleNamespace(arch=job.pretrain.model.arch, backbone_kwargs=lambda: {
+            **job.pretrain.model.backbone_kwargs(), "img_size": job.highres.img_size})
+    from dino_ray import backbone_io
+
+    vit = dict(backbone_io.read_meta(teacher)["vit"])
+    return SimpleNamespace(arch="vit_large", backbone_kwargs=lambda: vit)
