@@ -1,12 +1,12 @@
-"""One full DINOv2 SSL training step: packed multi-crop backbone call vs one backbone call per crop.
+"""One full DINOv2 SSL training step: packed multi-crop backbone call vs one backbone call per crop size.
 
 A step = teacher forward on the global crops, Sinkhorn-Knopp targets, student forward on 2 global +
 8 local crops with iBOT masks, DINO + iBOT + KoLeo losses, backward, grad clipping, AdamW, EMA update.
 The three variants differ only in how the crops reach the backbone:
 - packed (ours): one call on the list [global, local]; token-wise layers run as one GEMM over all crops;
-- per_crop (baseline): one call per crop (10 for the student, 2 for the teacher), as a naive multi-crop
-  loop does;
-- per_resolution (detail): one call per crop size.
+- per_resolution (baseline): one call per crop size (global, then local), what a multi-crop loop that
+  stacks its crops does; the headline ratio;
+- per_crop (detail): one call per crop (10 for the student, 2 for the teacher), a naive loop, for scale.
 They share the same weights and optimizer and run interleaved in one process, since the machine is shared.
 Last stdout line: JSON with images/s (higher is better).
 """
@@ -161,13 +161,15 @@ def main() -> None:
     ips = {m: batch_size / min(s) for m, s in seconds.items()}
     median_ips = {m: round(batch_size / statistics.median(s), 4) for m, s in seconds.items()}
     result = {
-        "name": "ssl_step_packed_vs_per_crop",
+        "name": "ssl_step_packed_vs_per_resolution",
         "unit": "images/s",
+        # the fair baseline: one backbone call per crop size, as any multi-crop loop that batches its crops does
+        "headline": "full SSL step, all crops in one packed backbone call vs one call per crop size",
         "ours": round(ips["packed"], 4),
-        "baseline": round(ips["per_crop"], 4),
-        "ratio": round(ips["packed"] / ips["per_crop"], 4),
-        "per_resolution": round(ips["per_resolution"], 4),
-        "ratio_vs_per_resolution": round(ips["packed"] / ips["per_resolution"], 4),
+        "baseline": round(ips["per_resolution"], 4),
+        "ratio": round(ips["packed"] / ips["per_resolution"], 4),
+        "per_crop": round(ips["per_crop"], 4),  # a naive one-call-per-crop loop, for scale only
+        "ratio_vs_per_crop": round(ips["packed"] / ips["per_crop"], 4),
         "median_images_per_s": median_ips,
         "seconds_per_step": {m: [round(x, 3) for x in s] for m, s in seconds.items()},
         "arch": args.arch,

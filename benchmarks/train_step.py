@@ -4,17 +4,17 @@ What one step of the product costs on this machine, put two ways: against the pe
 the same ViT on the same crops, batch and loss (``--peer lightly``: is our step fast?), and against
 what this CPU's matrix units can do at all (how much is left?).
 
-Our step is the pretrain stage's step (``dino_ray/train/loop.py``) built from the same modules,
-without Ray and DeepSpeed, which are a no-op for the presets' one worker at ZeRO stage 0: the preset's
-model (student with drop path, EMA teacher), parameter groups and AdamW, schedules, teacher forward on
-the global crops, packed student forward on all crops with iBOT masks, DINO + iBOT + KoLeo losses,
-backward, a grad-norm clip of each part at ``schedule.clip_grad`` (as the product clips), EMA
+Our step is the pretrain stage's own step (``dino_ray/train/step.py``, which ``train/loop.py`` runs) on
+the DeepSpeed engine the stage builds for one worker at the preset's ZeRO stage, without Ray: the
+preset's model (student with drop path, EMA teacher), parameter groups and AdamW, schedules, teacher
+forward on the global crops, packed student forward on all crops with iBOT masks, DINO + iBOT + KoLeo
+losses, backward, per-part gradient clipping (``train/clipping.py``), the engine's optimizer step, EMA
 update. Precision is what the stage chooses (``dino_ray/train/precision.py``: bf16 autocast only where
 the CPU multiplies bf16 natively). Its input is real MultiCrop crops of CIFAR-10 JPEGs
 (``../shared/data``), made up front so the timing is the step alone; the speed is the median over the
-timed steps. FLOPs count the tokens computed: backbone on every token of every crop (masked patches
-too, as mask tokens) plus the heads (DINO on CLS tokens, iBOT on the masked patches of each batch),
-x3 for the student (forward + backward), x1 for the teacher. The fp32 and bf16 matmul peaks are timed
+timed steps. FLOPs count the tokens actually computed (the model traced on the meta device, as
+``dino-ray plan`` does: stochastic depth runs each residual branch on the kept samples only), x3 for
+the student (forward + backward), x1 for the teacher. The fp32 and bf16 matmul peaks are timed
 in the same run, interleaved with the steps, since the machine is shared.
 
     python benchmarks/train_step.py [--quick] [--preset jobs/presets/demo.yaml]
@@ -71,77 +71,66 @@ def crop_batches(folder: Path, job, n_batches: int) -> list[dict]:
     return [torch.utils.data.default_collate(items[i:i + b]) for i in range(0, len(items), b)]
 
 
-def linear_macs(module) -> int:
-    """Multiply-adds per row through the module's linear layers (``nn.Linear`` and the heads' weight-norm one)."""
-    return sum(m.in_features * m.out_features for m in module.modules() if hasattr(m, "in_features"))
+def step_flops(job, batch: int, dtype: str) -> float:
+    """FLOPs of one step, counted on the tokens actually computed: the stage's model traced on the meta
+    device (``dino_ray/plan/trace.py``: batch-subset stochastic depth runs its branches on the kept samples
+    only, the iBOT head on the expected masked patches), 3x the student's forward (forward + backward) and
+    the teacher's forward on the global crops."""
+    from dino_ray.plan.trace import trace_step
 
-
-def step_flops(model, crops, batch: int, masked: float) -> float:
-    """FLOPs (2 per multiply-add) of one step: 3x the student's forward on all crops + the teacher's on the
-    global crops; backbone on every token (CLS, registers, patches), heads on CLS and ``masked`` patches."""
-    bb, p = model.backbone, crops.patch_size
-    d, depth, blocks = bb.embed_dim, len(bb.blocks), linear_macs(bb.blocks)
-    ibot = model.ibot_head if model.ibot_head is not None else model.dino_head
-
-    def backbone(size: int, images: int) -> float:
-        patches = (size // p) ** 2
-        n = 1 + bb.num_register_tokens + patches
-        return 2 * images * (n * blocks + 2 * n * n * d * depth + patches * bb.config.in_chans * p * p * d)
-
-    def heads(cls_rows: int) -> float:
-        return 2 * (cls_rows * linear_macs(model.dino_head) + masked * linear_macs(ibot))
-
-    n_g, n_l = crops.global_crops_number * batch, crops.local_crops_number * batch
-    teacher = backbone(crops.global_crops_size, n_g) + heads(n_g)
-    student = backbone(crops.global_crops_size, n_g) + backbone(crops.local_crops_size, n_l) + heads(n_g + n_l)
-    return 3 * student + teacher
+    cfg = job.pretrain
+    t = trace_step(cfg.model, cfg.loss, cfg.data.crops, cfg.data.masking, batch, dtype)
+    return 3 * t.student_flops + t.teacher_flops
 
 
 def our_step(job, precision):
-    """The stage's training step on the preset's pretrain config; returns ``step(batch, i)``, and the student."""
+    """The pretrain stage's step (``dino_ray/train/step.py``, as ``train/loop.py`` runs it) on a DeepSpeed
+    engine built as the stage builds it for one worker; returns ``step(batch, i)``."""
     import copy
+    import socket
+    from types import SimpleNamespace
 
+    import deepspeed
     import torch
 
     from dino_ray.data.multicrop import normalize_batch
-    from dino_ray.train.engines import build_ssl_model
     from dino_ray.train import precision as mixed
-    from dino_ray.train.ema import ema_update_, matching_parameters
-    from dino_ray.train.param_groups import apply_schedules, build_param_groups
+    from dino_ray.train.engines import Member, build_ssl_model, disable_jit_ops, ds_config, inference_engine
+    from dino_ray.train.param_groups import build_param_groups
     from dino_ray.train.schedules import TrainSchedules
     from dino_ray.train.ssl_arch import SSLObjective
+    from dino_ray.train.step import student_loss, teacher_output, update
 
     cfg, sch = job.pretrain, job.pretrain.schedule
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    disable_jit_ops()
+    deepspeed.init_distributed(dist_backend="gloo")
+    spec = SimpleNamespace(train=cfg.train)  # what the engines read of the stage's LoopSpec
     torch.manual_seed(job.seed)
     student = build_ssl_model(cfg.model, cfg.loss, drop_path=True)
-    teacher = copy.deepcopy(student).requires_grad_(False).eval()
-    opt = torch.optim.AdamW(build_param_groups(student, sch.layerwise_decay, sch.patch_embed_lr_mult,
-                                               sch.weight_decay), betas=(0.9, 0.999))
+    ema = copy.deepcopy(student).requires_grad_(False)
+    optimizer = torch.optim.AdamW(build_param_groups(student, sch.layerwise_decay, sch.patch_embed_lr_mult,
+                                                     sch.weight_decay), betas=(0.9, 0.999))
+    engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer,
+                                           config=ds_config(spec, 1, False, with_optimizer=True))
+    ema_engine = inference_engine(ema, spec, 1, torch.device("cpu"))
+    ema_engine.module.eval()
+    member = Member("student", engine, ema_engine, cfg.train.zero_stage == 3, False, sch.clip_grad)
     objective, schedules = SSLObjective(cfg.loss), TrainSchedules.from_config(sch, cfg.train.batch_size_per_worker)
-    t_params, s_params = matching_parameters(teacher, student)
     n_g, n_l = cfg.data.crops.global_crops_number, cfg.data.crops.local_crops_number
     autocast = mixed.autocast(precision, torch.device("cpu"))
 
     def step(batch: dict, i: int) -> None:
-        crops, v = normalize_batch(batch, cfg.data.crops), schedules.values(i)
+        crops, values = normalize_batch(batch, cfg.data.crops), schedules.values(i)
         masks = crops["masks"]
-        with torch.no_grad(), autocast:
-            t_out = teacher(crops["global_crops"], None, masks, apply_masks=False)
-        targets = objective.teacher_targets(t_out, v["teacher_temp"], n_g)
-        apply_schedules(opt, v["lr"], v["wd"], v["last_layer_lr"])
-        with autocast:
-            s_out = student(crops["global_crops"], crops["local_crops"] if n_l else None, masks, apply_masks=True)
-        loss, _ = objective(s_out, targets, masks, n_g, n_l)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if sch.clip_grad > 0:  # per part, as the product clips (dino_ray/train/clipping.py)
-            for part in (student.backbone, student.dino_head, student.ibot_head):
-                if part is not None:
-                    torch.nn.utils.clip_grad_norm_(part.parameters(), sch.clip_grad)
-        opt.step()
-        ema_update_(t_params, s_params, v["mom"])
+        t_out = teacher_output(member.ema, crops, masks, autocast)
+        _, _, loss, _ = student_loss(member, objective, t_out, crops, masks, values, True, n_g, n_l, autocast)
+        update(member, loss, values["mom"])
 
-    return step, student
+    return step
 
 
 def main() -> None:
@@ -171,9 +160,8 @@ def main() -> None:
     batches = crop_batches(folder, job, n_batches=4)
     precision = mixed.resolve(cfg.train.precision, torch.device("cpu"))
     flags = mixed.cpu_bf16_flags()
-    step, student = our_step(job, precision)
-    masked = [float(sum(b[k].sum() for k in b if k.startswith("mask_"))) for b in batches]  # iBOT head rows
-    flops = statistics.mean(step_flops(student, crops, batch, m) for m in masked)
+    step = our_step(job, precision)
+    flops = step_flops(job, batch, precision.name)
     # an emulated bf16 matmul runs ~1 GFLOP/s: a small one says as much as a large one, in 1/64 of the time
     sizes = {torch.float32: 1024, torch.bfloat16: 1024 if flags else 256}
     peaks: dict = {dt: [] for dt in sizes}
@@ -198,9 +186,13 @@ def main() -> None:
             print(f"[train_step] peer lightly failed (exit {e.returncode}): no peer row", file=sys.stderr)
     baseline = peer.get("train_images_per_s") if peer else None
     ratio = speed_ratio(ours, baseline)
-    vit = student.backbone.config
+    from dino_ray.models import build_backbone
+
+    vit = build_backbone(cfg.model.arch, **cfg.model.backbone_kwargs()).config
     print(json.dumps({
         "name": "train_step_images_per_s_vs_lightly_train", "unit": "images/s", "ours": round(ours, 2),
+        "headline": "training images/s of the product's step (DeepSpeed engine, param groups, per-part clipping, "
+                    "EMA) vs LightlyTrain's DINOv2 on the same ViT, crops and batch",
         "baseline": baseline, "ratio": None if ratio is None else round(ratio, 3),
         "details": {
             "steps_per_s": round(1 / step_s, 3), "step_s_median": round(step_s, 4), "warmup_steps": warmup,

@@ -145,7 +145,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         memory, reserve = parse_bytes(args.gpu_memory), parse_bytes(args.reserve)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    stages = [s for s in job.stages if s in ("pretrain", "highres", "distill")]
+    from dino_ray.config.schema import TRAINING_STAGES
+
+    stages = [s for s in job.stages if s in TRAINING_STAGES]
     if not stages:
         raise ConfigError(f"the job runs no training stage (stages: {job.stages}); nothing to plan", "stages")
     plans = []

@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from dino_ray import storage
+from dino_ray.config.schema import STAGE_NAMES
 from dino_ray.evals.report import format_value
 
 MANIFEST = "_manifest.json"  # the pipeline's name for a completed stage's record
-STAGE_ORDER = ("curate", "pretrain", "highres", "distill", "eval")
+STAGE_ORDER = STAGE_NAMES
 
 # (column title, key in an eval results row) for the headline table; missing keys show as "-".
 RESULT_COLUMNS = (("kNN@20 top-1", "knn_k20_top1"), ("kNN@20 on pooled patches", "knn_avgpool_k20_top1"),

@@ -1,9 +1,10 @@
 """Turn plain YAML mappings into typed dataclasses, failing early with the key path that is wrong.
 
-Every config in dino-ray is a tree of dataclasses. Building one from a mapping checks, before any
-cluster work starts: unknown keys (with a "did you mean"), wrong types, values outside the bounds that
-a field declares in its metadata (``ge``/``gt``/``le``/``lt``/``choices``), and whatever a dataclass's
-own ``validate()`` method rejects. The error always names the YAML file and the dotted key path.
+Every config in dino-ray is a tree of dataclasses (the convention: :mod:`dino_ray.config.fields`). Building
+one from a mapping checks, before any cluster work starts: unknown keys (with a "did you mean"), wrong
+types, ``Literal`` choices, values outside the bounds that a field declares with ``bounded()``, and whatever
+a dataclass's own ``validate()`` method rejects. Every problem found is reported at once, each naming the
+YAML file and the dotted key path.
 """
 
 from __future__ import annotations
@@ -14,29 +15,9 @@ import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
 
+from dino_ray.config.fields import Checked, ConfigError, bounded, field_rules, operational, problem
 
-class ConfigError(ValueError):
-    """A config problem, with the file and the dotted key path it concerns."""
-
-    def __init__(self, message: str, key: str = "", source: str | None = None):
-        self.message = message
-        self.key = key
-        self.source = source
-        where = f"{source}: " if source else ""
-        at = f"{key}: " if key else ""
-        super().__init__(f"{where}{at}{message}")
-
-
-def bounded(default: Any = dataclasses.MISSING, *, ge=None, gt=None, le=None, lt=None,
-            choices=None, default_factory: Any = dataclasses.MISSING, operational: bool = False) -> Any:
-    """A dataclass field with bounds that :func:`build` enforces. ``operational``: how a stage runs, not what
-    it computes (logging, checkpoint cadence, retries): left out of the stage's key, see :func:`to_dict`."""
-    meta = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt, choices=choices).items() if v is not None}
-    if operational:
-        meta["operational"] = True
-    if default_factory is not dataclasses.MISSING:
-        return dataclasses.field(default_factory=default_factory, metadata=meta)
-    return dataclasses.field(default=default, metadata=meta)
+__all__ = ["ConfigError", "bounded", "build", "flatten", "operational", "to_dict"]
 
 
 def _type_name(tp: Any) -> str:
@@ -81,8 +62,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str | None) -> Any:
             try:
                 return _coerce(value, arg, key, source)
             except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"{value!r} matches none of {_type_name(tp)}", key, source)
+                errors.extend(p.message for p in e.problems)
+        raise ConfigError(f"{value!r} matches none of {_type_name(tp)} ({'; '.join(errors)})", key, source)
     if origin in (list, tuple, typing.Sequence):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"expected a list, got {value!r}", key, source)
@@ -92,7 +73,14 @@ def _coerce(value: Any, tp: Any, key: str, source: str | None) -> Any:
                 raise ConfigError(f"expected {len(args)} items, got {len(value)}: {value!r}", key, source)
             return tuple(_coerce(v, a, f"{key}[{i}]", source) for i, (v, a) in enumerate(zip(value, args)))
         item_tp = args[0] if args else Any
-        items = [_coerce(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+        items, errors = [], []
+        for i, v in enumerate(value):
+            try:
+                items.append(_coerce(v, item_tp, f"{key}[{i}]", source))
+            except ConfigError as e:
+                errors.append(e)
+        if errors:
+            raise ConfigError.combine(errors, source)
         return tuple(items) if origin is tuple else items
     if origin is dict:
         if not isinstance(value, dict):
@@ -127,51 +115,44 @@ def _coerce(value: Any, tp: Any, key: str, source: str | None) -> Any:
     return value
 
 
-def _check_bounds(value: Any, meta: typing.Mapping, key: str, source: str | None) -> None:
-    if value is None:
-        return
-    if "choices" in meta and value not in meta["choices"]:
-        close = difflib.get_close_matches(str(value), [str(c) for c in meta["choices"]], n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"{value!r} is not one of {sorted(meta['choices'])}{hint}", key, source)
-    values = value if isinstance(value, (list, tuple)) else [value]
-    for v in values:
-        if not isinstance(v, (int, float)):
-            continue
-        if "ge" in meta and not v >= meta["ge"]:
-            raise ConfigError(f"{v!r} is out of range: must be >= {meta['ge']}", key, source)
-        if "gt" in meta and not v > meta["gt"]:
-            raise ConfigError(f"{v!r} is out of range: must be > {meta['gt']}", key, source)
-        if "le" in meta and not v <= meta["le"]:
-            raise ConfigError(f"{v!r} is out of range: must be <= {meta['le']}", key, source)
-        if "lt" in meta and not v < meta["lt"]:
-            raise ConfigError(f"{v!r} is out of range: must be < {meta['lt']}", key, source)
-
-
 def build(cls: type, data: dict[str, Any] | None, prefix: str = "", source: str | None = None) -> Any:
-    """Build dataclass ``cls`` from ``data``; unknown keys, types and bounds are checked."""
+    """Build dataclass ``cls`` from ``data``: unknown keys, types and declared bounds are checked for every
+    key, and all problems found are reported together (each with its key path); then the object is made,
+    which runs its ``validate()``."""
     data = dict(data or {})
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    rules = {name: (meta, choices) for name, meta, choices in field_rules(cls)}
     kwargs: dict[str, Any] = {}
+    errors: list[ConfigError] = []
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else str(name)
         if name not in fields:
             close = difflib.get_close_matches(str(name), list(fields), n=1, cutoff=0.6)
             hint = f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else ""
-            raise ConfigError(f"unknown key{hint} (valid keys here: {', '.join(sorted(fields))})", key, source)
-        kwargs[name] = _coerce(value, hints[name], key, source)
-        _check_bounds(kwargs[name], fields[name].metadata, key, source)
+            errors.append(ConfigError(f"unknown key{hint} (valid keys here: {', '.join(sorted(fields))})", key,
+                                      source))
+            continue
+        try:
+            kwargs[name] = _coerce(value, hints[name], key, source)
+        except ConfigError as e:
+            errors.append(e)
+            continue
+        found = problem(kwargs[name], *rules[name]) if name in rules else None
+        if found is not None:
+            errors.append(ConfigError(f"{found[0]!r} {found[1]}", key, source))
     for name, f in fields.items():
-        if name in kwargs:
+        if name in data:
             continue
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             key = f"{prefix}.{name}" if prefix else name
-            raise ConfigError(f"missing required key (expected {_type_name(hints[name])})", key, source)
+            errors.append(ConfigError(f"missing required key (expected {_type_name(hints[name])})", key, source))
+    if errors:
+        raise ConfigError.combine(errors, source)
     try:
-        obj = cls(**kwargs)
+        obj = cls(**kwargs)  # a Checked config runs its validate() here
         validate = getattr(obj, "validate", None)
-        if callable(validate):
+        if not isinstance(obj, Checked) and callable(validate):
             validate()
     except ConfigError as e:
         if e.source is None and source is not None:
@@ -194,11 +175,6 @@ def to_dict(obj: Any, results_only: bool = False) -> Any:
     if isinstance(obj, dict):
         return {k: to_dict(v, results_only) for k, v in obj.items()}
     return obj
-
-
-def operational(default_factory: Any) -> Any:
-    """A dataclass sub-section that only observes or steers a run (e.g. the training monitor)."""
-    return dataclasses.field(default_factory=default_factory, metadata={"operational": True})
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from dino_ray.config.fields import Checked, bounded
+
 # The complete vocabulary of skip reasons; nothing else ever appears in ``skip_reason``. ``missing``: the
 # listed file was gone when read (storage that keeps failing is not a skip: it fails the stage).
 SKIP_REASONS = ("empty", "not_an_image", "truncated", "too_large", "too_small", "unsupported_mode", "other",
@@ -67,35 +69,27 @@ class DecodeError(Exception):
 
 
 @dataclass
-class DecodeConfig:
+class DecodeConfig(Checked):
     """How bytes become images."""
 
     # Decompression-bomb limit in pixels (width * height), checked from the header before decoding.
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_pixels: int = bounded(DEFAULT_MAX_PIXELS, ge=1)
     # Decode JPEGs at a reduced scale (1/2, 1/4, 1/8 via libjpeg DCT scaling) as long as the short
     # side stays >= this size. Much faster for large photos; None decodes at full size. The
     # multi-crop pipeline sets it from its crop sizes (MultiCropConfig.min_source_size()).
-    draft_size: int | None = None
+    draft_size: int | None = bounded(None, ge=1)
     # Images whose short side is below this are refused (nothing useful can be cropped from them).
-    min_size: int = 2
+    min_size: int = bounded(2, ge=1)
     # Estimated peak bytes of one decode (decoded pixels + RGB output), checked from the header.
-    max_bytes: int = DEFAULT_MAX_BYTES
+    max_bytes: int = bounded(DEFAULT_MAX_BYTES, ge=1)
 
     def validate(self) -> "DecodeConfig":
-        if self.max_pixels < 1:
-            raise ValueError(f"DecodeConfig.max_pixels must be >= 1, got {self.max_pixels}")
         pil_limit = Image.MAX_IMAGE_PIXELS
         if pil_limit is not None and self.max_pixels > 2 * pil_limit:
             raise ValueError(
                 f"DecodeConfig.max_pixels={self.max_pixels} exceeds PIL's hard limit 2 * Image.MAX_IMAGE_PIXELS"
                 f" = {2 * pil_limit}: PIL would refuse such images first; raise Image.MAX_IMAGE_PIXELS in"
                 " your program if you really need larger images")
-        if self.draft_size is not None and self.draft_size < 1:
-            raise ValueError(f"DecodeConfig.draft_size must be None or >= 1, got {self.draft_size}")
-        if self.min_size < 1:
-            raise ValueError(f"DecodeConfig.min_size must be >= 1, got {self.min_size}")
-        if self.max_bytes < 1:
-            raise ValueError(f"DecodeConfig.max_bytes must be >= 1, got {self.max_bytes}")
         return self
 
 

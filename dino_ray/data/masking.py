@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dino_ray.config.fields import Checked, bounded
+
 
 class MaskGenerator:
     """BEiT-style block masking on a patch grid: rectangles of random area and aspect until a target."""
@@ -82,38 +84,31 @@ class MaskGenerator:
 
 
 @dataclass
-class MaskingConfig:
+class MaskingConfig(Checked):
     """iBOT masking of the global crops (DINOv2 defaults)."""
 
     # Fraction of global crops that get a mask at all (the others feed iBOT unmasked).
-    mask_probability: float = 0.5
+    mask_probability: float = bounded(0.5, ge=0.0, le=1.0)
     # Range of the masked fraction of patches for a masked crop, spread evenly over masked crops.
-    mask_ratio_min_max: tuple[float, float] = (0.1, 0.5)
+    mask_ratio_min_max: tuple[float, float] = bounded((0.1, 0.5), ge=0.0, le=1.0)
     # Upper bound on patches masked per block, as a fraction of the grid (DINOv2: 0.5 * N).
-    max_block_fraction: float = 0.5
+    max_block_fraction: float = bounded(0.5, gt=0.0, le=1.0)
     # Smallest block in patches and its log-uniform aspect range (BEiT / DINOv2 values).
-    min_num_patches: int = 4
-    min_aspect: float = 0.3
-    max_aspect: float | None = None  # None = 1 / min_aspect
+    min_num_patches: int = bounded(4, ge=1)
+    min_aspect: float = bounded(0.3, gt=0.0)
+    max_aspect: float | None = bounded(None, gt=0.0)  # None = 1 / min_aspect
     # Crops per virtual collate batch (DINOv2: 64 images per GPU x 2 global crops). Larger groups
     # stratify ratios over more crops; the per-crop distribution does not depend on it.
-    group_size: int = 128
+    group_size: int = bounded(128, ge=1)
 
     def validate(self) -> "MaskingConfig":
-        if not 0.0 <= self.mask_probability <= 1.0:
-            raise ValueError(f"MaskingConfig.mask_probability must be in [0, 1], got {self.mask_probability}")
+        """Rules between fields (per-field bounds are declared above and checked on construction)."""
         lo, hi = self.mask_ratio_min_max
-        if not 0.0 <= lo <= hi <= 1.0:
+        if not lo <= hi:
             raise ValueError(f"MaskingConfig.mask_ratio_min_max must satisfy 0 <= min <= max <= 1, got {(lo, hi)}")
-        if not 0.0 < self.max_block_fraction <= 1.0:
-            raise ValueError(f"MaskingConfig.max_block_fraction must be in (0, 1], got {self.max_block_fraction}")
-        if self.min_num_patches < 1:
-            raise ValueError(f"MaskingConfig.min_num_patches must be >= 1, got {self.min_num_patches}")
-        if self.min_aspect <= 0 or (self.max_aspect is not None and self.max_aspect < self.min_aspect):
+        if self.max_aspect is not None and self.max_aspect < self.min_aspect:
             raise ValueError(f"MaskingConfig aspect range invalid: min_aspect={self.min_aspect}, "
                              f"max_aspect={self.max_aspect}")
-        if self.group_size < 1:
-            raise ValueError(f"MaskingConfig.group_size must be >= 1, got {self.group_size}")
         return self
 
 

@@ -10,21 +10,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dino_ray.config.typed import bounded
+from dino_ray.config.fields import Checked, bounded
 
 LR_GRID_CODE: tuple[float, ...] = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2,
                                    2e-2, 5e-2, 0.1)
 
 
 @dataclass(frozen=True)
-class LinearGridConfig:
+class LinearGridConfig(Checked):
     """The DINOv2 linear-probe grid: every (learning rate x n_last_blocks x avgpool) head."""
 
     # Base learning rates (DINOv2 code default); each is scaled by batch_size / 256 like the official
     # eval, so the grid means the same thing at any batch size.
-    learning_rates: tuple[float, ...] = LR_GRID_CODE
+    learning_rates: tuple[float, ...] = bounded(LR_GRID_CODE, gt=0.0)
     # Input layouts: CLS tokens of the last n blocks (1 = final only, 4 = the "linear4" heads) ...
-    n_last_blocks: tuple[int, ...] = (1, 4)
+    n_last_blocks: tuple[int, ...] = bounded((1, 4), ge=1)
     # ... with or without the last block's mean patch token appended (both tried, as in DINOv2).
     avgpool: tuple[bool, ...] = (False, True)
     # Passes over the cached features. DINOv2 runs 10 epochs of ImageNet (12,500 iterations).
@@ -45,24 +45,10 @@ class LinearGridConfig:
     # are copied over.
     device: str = "cpu"
 
-    def __post_init__(self) -> None:
-        """Also checked here (not only by the YAML builder) so code-built configs fail early too."""
-        if not self.learning_rates or any(lr <= 0 for lr in self.learning_rates):
-            raise ValueError(f"learning_rates must be positive, got {self.learning_rates}")
-        if not self.n_last_blocks or any(n < 1 for n in self.n_last_blocks):
-            raise ValueError(f"n_last_blocks must be >= 1, got {self.n_last_blocks}")
-        if not self.avgpool:
-            raise ValueError("avgpool must list at least one of False/True")
-        for name in ("epochs", "batch_size", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
-        if self.weight_decay < 0 or self.init_std <= 0:
-            raise ValueError(f"weight_decay must be >= 0 and init_std > 0, got "
-                             f"{self.weight_decay}, {self.init_std}")
-        if self.num_classes is not None and self.num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1 or None, got {self.num_classes}")
+    def validate(self) -> None:
+        for name in ("learning_rates", "n_last_blocks", "avgpool"):
+            if not getattr(self, name):
+                raise ValueError(f"LinearGridConfig.{name} must list at least one value")
 
     def scaled_lr(self, lr: float) -> float:
         """The learning rate actually used: the grid value times batch_size / 256."""

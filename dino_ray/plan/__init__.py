@@ -6,29 +6,13 @@ engine layout into per-worker memory and step time, ``report.py`` renders the ta
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
-from dino_ray.plan.memory import GiB, Hardware, StagePlan, plan_job
+from dino_ray.config.schema import TRAINING_STAGES
+from dino_ray.config.units import parse_bytes
+from dino_ray.plan.memory import Hardware, StagePlan, plan_job
 
-_UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
-          "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
-
-
-def parse_bytes(text: str | float | int) -> int:
-    """``80GB`` / ``80GiB`` / ``80`` (GiB) -> bytes. GPU vendors' "80GB" means 80 GiB of HBM (an A100-80GB
-    has 81,920 MiB), so GB is read as GiB here, as nvidia-smi shows it."""
-    if isinstance(text, (int, float)):
-        return int(float(text) * GiB)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    unit = m.group(2).lower() if m else None
-    if m is None or unit not in _UNITS:
-        raise ValueError(f"cannot read {text!r} as a memory size; write e.g. 80GB, 40GiB or 16000MiB")
-    if unit in ("", "gb"):
-        unit = "gib"
-    if unit in ("mb", "tb", "kb"):
-        unit = unit[0] + "ib"
-    return int(float(m.group(1)) * _UNITS[unit])
+__all__ = ["Hardware", "StagePlan", "check_job_fits", "parse_bytes", "plan_job"]
 
 
 def check_job_fits(job: Any, source: str) -> list[StagePlan]:
@@ -38,7 +22,7 @@ def check_job_fits(job: Any, source: str) -> list[StagePlan]:
     from dino_ray.plan.report import render
 
     failed, rendered, everything = [], [], []
-    for stage in ("pretrain", "highres", "distill"):
+    for stage in TRAINING_STAGES:
         if stage not in job.stages:
             continue
         scaling = getattr(job, stage).train.scaling

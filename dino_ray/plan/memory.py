@@ -3,22 +3,23 @@
 Memory per worker = model state + DeepSpeed's working buffers + activations + teacher targets + a fixed
 reserve (the framework: CUDA context and allocator slack on a GPU, the Python process on a CPU).
 
-Model state follows the engines of ``train/engines.py``, in bytes per parameter P, world size N:
+Model state follows the engines of ``train/engines.py`` and DeepSpeed's buffers, in bytes per
+parameter P, world size N (checked against real steps by ``benchmarks/memory_plan.py``):
 
-| ZeRO stage | student (params, master, grads, AdamW m and v) | EMA / frozen teacher |
+| ZeRO stage | student: weights, fp32 master and its gradient, gradient partition, AdamW m and v | EMA / frozen teacher |
 |---|---|---|
-| 3, bf16 (GPU) | (2 + 4 + 4 + 8) P / N: bf16 weights, fp32 master, fp32 grads, fp32 m, v | 4 P / N (fp32 shard) |
-| 3, fp32 | (4 + 4 + 4 + 8) P / N: DeepSpeed keeps an fp32 flat master beside the fp32 weights | 4 P / N |
-| 2 | 4 P + (4 + 8) P / N: weights replicated, grads and optimizer sharded | 4 P |
-| 1 | (4 + 4) P + 8 P / N | 4 P |
-| 0 | 16 P | 4 P |
+| 3, bf16 (GPU) | (2 + 4 + 4 + 4 + 8) P / N | 4 P / N (fp32 shard) |
+| 3, fp32 | (4 + 4 + 4 + 4 + 8) P / N | 4 P / N |
+| 1 and 2 | 4 P weights + 4 P gradients + (4 + 4 + 8) P / N (DeepSpeed's fp32 partition, its gradient, m, v) | 4 P |
+| 0 | 16 P (torch AdamW on the replicated model) | 4 P |
 
 At stages 0-2 the weights stay fp32 and bf16 runs as autocast, whose cast copies of the weights add 2 P.
-ZeRO-3 gathers each module's weights for its forward and backward: the largest module gathered plus the
-prefetch bucket (5e7 elements) and the gradient reduce bucket (5e8 elements), DeepSpeed's defaults, each
-capped at the model size, are the buffers. Activations are traced (``plan/trace.py``), with and without
-per-block activation checkpointing. Students of a distillation step run one after the other, so their
-activations do not add up; their states do.
+ZeRO-3 also holds whole-model working copies, bounded by its config: the gathered student weights, which
+stay gathered from the forward to the backward up to ``train.zero3_max_live_parameters`` elements (with
+DeepSpeed's default reuse distance), the gradient reduce bucket (``train.zero3_reduce_bucket_size``
+elements) and the gathered EMA / teacher weights (fp32, the same live cap). Activations are traced
+(``plan/trace.py``), with and without per-block activation checkpointing. Students of a distillation
+step run one after the other, so their activations do not add up; their states do.
 
 Step time = FLOPs per step / (peak FLOP/s x utilisation): forward + backward of the student (3x its
 forward; 4x with checkpointing, which runs the forward twice) and the teacher's forward on the global crops.
@@ -29,12 +30,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from dino_ray.config.schema import TRAINING_STAGES
 from dino_ray.plan.trace import StepTrace, trace_step
 
 GiB = 2 ** 30
-PREFETCH_BUCKET = 50_000_000  # DeepSpeed stage3_prefetch_bucket_size default (elements)
+MAX_LIVE_PARAMETERS = 1_000_000_000  # DeepSpeed stage3_max_live_parameters default (elements)
 REDUCE_BUCKET = 500_000_000  # DeepSpeed reduce_bucket_size default (elements)
-TRAINING_STAGES = ("pretrain", "highres", "distill")
+
 
 
 @dataclass(frozen=True)
@@ -110,31 +112,22 @@ def state_bytes(params: int, zero_stage: int, world: int, bf16_engine: bool, aut
     """Student + EMA (or frozen teacher) state per worker (the table in the module docstring)."""
     n = max(1, world)
     if zero_stage == 3:
-        student = (2 + 4 + 4 + 8) * params / n if bf16_engine else (4 + 4 + 4 + 8) * params / n
+        student = ((2 if bf16_engine else 4) + 4 + 4 + 4 + 8) * params / n
         return int(student + 4 * ema_params / n)
-    student = {0: 16 * params, 1: 8 * params + 8 * params / n, 2: 4 * params + 12 * params / n}[zero_stage]
+    student = 16 * params if zero_stage == 0 else 8 * params + 16 * params / n
     if autocast_bf16:
         student += 2 * params
     return int(student + 4 * ema_params)
 
 
-def buffer_bytes(params: int, largest_module: int, zero_stage: int, weight_bytes: int) -> int:
-    """ZeRO-3's gathered weights, prefetch and reduce buckets (0 at stages 0-2, where nothing is gathered)."""
+def buffer_bytes(student_params: int, ema_params: int, zero_stage: int, weight_bytes: int,
+                 max_live: int = MAX_LIVE_PARAMETERS, reduce_bucket: int = REDUCE_BUCKET) -> int:
+    """ZeRO-3's whole-model working copies: gathered student weights (kept from forward to backward up to
+    the live cap), the gradient reduce bucket, the gathered fp32 EMA / teacher weights; 0 at stages 0-2."""
     if zero_stage != 3:
         return 0
-    return int(weight_bytes * (min(largest_module, params) + min(PREFETCH_BUCKET, params)
-                               + min(REDUCE_BUCKET, params)))
-
-
-def largest_module_params(model_cfg: Any, loss_cfg: Any) -> int:
-    """Parameters of the largest leaf module (what ZeRO-3 gathers at once): the prototype layer or a linear."""
-    import torch
-
-    from dino_ray.train.engines import build_ssl_model
-
-    with torch.device("meta"):
-        model = build_ssl_model(model_cfg, loss_cfg, drop_path=False)
-    return max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    return int(weight_bytes * min(max_live, student_params) + weight_bytes * min(reduce_bucket, student_params)
+               + 4 * min(max_live, ema_params))
 
 
 def _precision(train: Any, hw: Hardware) -> tuple[str, bool, bool]:
@@ -160,15 +153,17 @@ def plan_stage(stage: str, members: list[tuple[str, Any]], loss_cfg: Any, crops:
     teacher = (trace_step(teacher_cfg, loss_cfg, crops, masking, batch, dtype, drop_path=False)
                if teacher_cfg is not None else None)
     weight_bytes = 2 if bf16_engine else 4
+    live, bucket = train.zero3_max_live_parameters, train.zero3_reduce_bucket_size
     state = sum(state_bytes(m.params, train.zero_stage, hw.workers, bf16_engine, autocast, m.params) for m in traced)
-    largest = max(largest_module_params(cfg, loss_cfg) for _, cfg in members)
+    # members step one after the other: the largest student's working copies, and its EMA's (or the teacher's)
+    buffers = max(buffer_bytes(m.params, m.params, train.zero_stage, weight_bytes, live, bucket) for m in traced)
     total_params = sum(m.params for m in traced)
     if teacher is not None:
         t_params = sum(teacher.params.values())
         state += state_bytes(0, train.zero_stage, hw.workers, False, False, t_params)
-        largest = max(largest, largest_module_params(teacher_cfg, loss_cfg))
+        buffers = max(buffer_bytes(m.params, t_params, train.zero_stage, weight_bytes, live, bucket)
+                      for m in traced)
         total_params += t_params
-    buffers = buffer_bytes(total_params, largest, train.zero_stage, weight_bytes)
     targets = (teacher or traced[0].trace).target_bytes
     fixed = state + buffers + hw.reserve_bytes
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from dino_ray.config.schema import TRAINING_STAGES
 from dino_ray.stages.contract import StageSpec
 
 TRAIN_STATE = "ray_train"  # a training stage's Ray Train run folder (checkpoints); see stages/training.py
@@ -31,7 +32,7 @@ def _distill_needs(job) -> list[str]:
 
 
 def _eval_needs(job) -> list[str]:
-    return [b for b in job.eval.backbones if b in ("pretrain", "highres", "distill")]
+    return [b for b in job.eval.backbones if b in TRAINING_STAGES]
 
 
 def _curate_reads(job) -> dict:

@@ -22,11 +22,11 @@ import math
 from collections import deque
 from typing import Mapping, Optional
 
-from dino_ray.config.typed import bounded
+from dino_ray.config.fields import Checked, bounded
 
 
 @dataclasses.dataclass
-class CollapseConfig:
+class CollapseConfig(Checked):
     """Thresholds of the collapse alarms (see the module doc)."""
 
     enabled: bool = True

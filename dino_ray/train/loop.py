@@ -44,7 +44,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     from dino_ray.progress import Reporter
     from dino_ray.data.ssl_stream import StreamSpec, ssl_batches, started_early
     from dino_ray.train.watch import TrainingWatch
-    from dino_ray.train.param_groups import apply_schedules, build_param_groups
+    from dino_ray.train.param_groups import build_param_groups
+    from dino_ray.train.step import student_loss, teacher_output, update
     from dino_ray.train.schedules import TrainSchedules
     from dino_ray.train.ssl_arch import SSLObjective
 
@@ -165,26 +166,18 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         masks = crops["masks"] if spec.masking else torch.ones_like(crops["masks"])
         apply_masks = spec.masking
         values = schedules.values(step)
-        with torch.no_grad(), autocast:
-            t_out = teacher(crops["global_crops"], None, masks, apply_masks=False)
+        t_out = teacher_output(teacher, crops, masks, autocast)
         metrics: dict[str, float] = dict(values)
         is_log = (step + 1) % spec.train.log_every == 0 or step + 1 == total
         for m, objective in zip(members, objectives):
-            targets = objective.teacher_targets(t_out, values["teacher_temp"], n_global)
-            apply_schedules(m.engine.optimizer, values["lr"], values["wd"], values["last_layer_lr"])
-            with autocast:
-                s_out = m.engine(crops["global_crops"], crops["local_crops"] if n_local else None, masks,
-                                 apply_masks=apply_masks)
-            loss, terms = objective(s_out, targets, masks, n_global, n_local)
+            targets, s_out, loss, terms = student_loss(m, objective, t_out, crops, masks, values, apply_masks,
+                                                       n_global, n_local, autocast)
             if not all_finite(loss):
                 buffer.close()  # steps before this one are real; the bad one is not logged
                 return {"final_step": step, "error": (
                     f"non-finite loss at step {step} (student {m.name}); training stopped and the last good "
                     f"checkpoint is kept. Lower schedule.base_lr or raise schedule.warmup_iters.")}
-            m.engine.backward(loss)
-            grad_norms = m.clip()  # each part of the student on its own, as the recipe clips
-            m.engine.step()
-            m.ema_update(values["mom"])
+            grad_norms = update(m, loss, values["mom"])
             prefix = "" if len(members) == 1 else f"{m.name}/"
             metrics.update({prefix + k: v for k, v in terms.items()})
             if is_log:  # the exported model's features: the EMA teacher's in pretrain, the student's in distill

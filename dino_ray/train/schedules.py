@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Protocol
+from typing import Dict, Literal, Protocol, get_args
 
-LR_SCALING_RULES = ("sqrt_wrt_1024", "linear_wrt_256", "none")
+from dino_ray.config.fields import Checked, bounded
+
+LrScalingRule = Literal["sqrt_wrt_1024", "linear_wrt_256", "none"]
+LR_SCALING_RULES: tuple[str, ...] = get_args(LrScalingRule)
 
 
 class Schedule(Protocol):
@@ -126,49 +129,32 @@ def scaled_lr(base_lr: float, global_batch: int, rule: str = "sqrt_wrt_1024") ->
 
 
 @dataclass
-class ScheduleConfig:
+class ScheduleConfig(Checked):
     """Optimisation schedule knobs; defaults are the DINOv2 ViT-g/14 run (625k iterations, batch 3072)."""
 
-    total_iters: int = 625_000  # length of the run; every cosine below spans it (500 "epochs" x 1250)
-    base_lr: float = 2e-4  # peak lr for a global batch of 1024, before scaling by the rule below
-    lr_scaling_rule: str = "sqrt_wrt_1024"  # 2e-4 * sqrt(3072/1024) = 3.46e-4, the paper's 3.5e-4
-    min_lr: float = 1e-6  # lr at the end of the cosine decay
-    warmup_iters: int = 100_000  # linear lr warmup from 0; long warmups matter for stability at scale
-    weight_decay: float = 0.04  # AdamW decay at iteration 0 ...
-    weight_decay_end: float = 0.2  # ... rising along a cosine to this value (the ViT-g/L override)
-    momentum_teacher: float = 0.994  # EMA momentum of the teacher at iteration 0 ...
-    final_momentum_teacher: float = 1.0  # ... cosine to 1.0: the teacher freezes at the end of the run
-    warmup_teacher_temp: float = 0.04  # teacher softmax temperature at iteration 0 ...
-    teacher_temp: float = 0.07  # ... reached linearly after the warmup below, then constant
-    warmup_teacher_temp_iters: int = 37_500  # 30 official epochs
-    freeze_last_layer_iters: int = 1250  # head's last (prototype) layer gets lr 0 this long (1 epoch)
-    layerwise_decay: float = 1.0  # lr multiplier decay per block from the top; 1.0 = off (0.9 in ViT-L/16 IN-1k)
-    patch_embed_lr_mult: float = 0.2  # extra lr multiplier of the patch embedding
+    config_label = "schedule"  # errors read "schedule.<key>=<value> ..."
+
+    total_iters: int = bounded(625_000, ge=1)  # length of the run; every cosine below spans it (500 "epochs" x 1250)
+    base_lr: float = bounded(2e-4, gt=0.0)  # peak lr for a global batch of 1024, before scaling by the rule below
+    lr_scaling_rule: LrScalingRule = "sqrt_wrt_1024"  # 2e-4 * sqrt(3072/1024) = 3.46e-4, the paper's 3.5e-4
+    min_lr: float = bounded(1e-6, ge=0.0)  # lr at the end of the cosine decay
+    warmup_iters: int = bounded(100_000, ge=0)  # linear lr warmup from 0; long warmups matter for stability at scale
+    weight_decay: float = bounded(0.04, ge=0.0)  # AdamW decay at iteration 0 ...
+    weight_decay_end: float = bounded(0.2, ge=0.0)  # ... rising along a cosine to this value (the ViT-g/L override)
+    momentum_teacher: float = bounded(0.994, ge=0.0, le=1.0)  # EMA momentum of the teacher at iteration 0 ...
+    final_momentum_teacher: float = bounded(1.0, ge=0.0, le=1.0)  # ... cosine to 1.0: the teacher freezes at the end
+    warmup_teacher_temp: float = bounded(0.04, gt=0.0)  # teacher softmax temperature at iteration 0 ...
+    teacher_temp: float = bounded(0.07, gt=0.0)  # ... reached linearly after the warmup below, then constant
+    warmup_teacher_temp_iters: int = bounded(37_500, ge=0)  # 30 official epochs
+    freeze_last_layer_iters: int = bounded(1250, ge=0)  # head's last (prototype) layer gets lr 0 this long (1 epoch)
+    layerwise_decay: float = bounded(1.0, gt=0.0, le=1.0)  # lr multiplier decay per block from the top; 1.0 = off
+    # (0.9 in ViT-L/16 IN-1k)
+    patch_embed_lr_mult: float = bounded(0.2, ge=0.0)  # extra lr multiplier of the patch embedding
     # max gradient norm of each part of the student (backbone, DINO head, iBOT head), each clipped on its own
     # as the official trainer does (train/clipping.py); 0 turns clipping off
-    clip_grad: float = 3.0
+    clip_grad: float = bounded(3.0, ge=0.0)
 
-    def __post_init__(self) -> None:
-        if self.lr_scaling_rule not in LR_SCALING_RULES:
-            raise ValueError(
-                f"lr_scaling_rule must be one of {LR_SCALING_RULES}, got {self.lr_scaling_rule!r}"
-            )
-        # name: (low, high, low inclusive): NaN fails every comparison, so it is refused too.
-        ranges = {"total_iters": (1, math.inf, True), "base_lr": (0, math.inf, False),
-                  "min_lr": (0, math.inf, True), "weight_decay": (0, math.inf, True),
-                  "weight_decay_end": (0, math.inf, True), "momentum_teacher": (0, 1, True),
-                  "final_momentum_teacher": (0, 1, True), "warmup_teacher_temp": (0, math.inf, False),
-                  "teacher_temp": (0, math.inf, False), "clip_grad": (0, math.inf, True),
-                  "warmup_iters": (0, math.inf, True), "warmup_teacher_temp_iters": (0, math.inf, True),
-                  "freeze_last_layer_iters": (0, math.inf, True), "layerwise_decay": (0, 1, False),
-                  "patch_embed_lr_mult": (0, math.inf, True)}
-        for name, (low, high, inclusive) in ranges.items():
-            value = getattr(self, name)
-            above = value >= low if inclusive else value > low
-            if not (above and value <= high and math.isfinite(value)):
-                bound = f"in {'[' if inclusive else '('}{low}, {high}]" if high != math.inf else \
-                    f"{'>=' if inclusive else '>'} {low} and finite"
-                raise ValueError(f"schedule.{name}={value!r} must be {bound}")
+    def validate(self) -> None:
         for name in ("warmup_iters", "freeze_last_layer_iters"):
             if getattr(self, name) > self.total_iters:  # the lr would never reach its peak: a typo, not a recipe
                 raise ValueError(f"{name}={getattr(self, name)} exceeds total_iters={self.total_iters}")

@@ -17,7 +17,9 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from dino_ray.losses import DINOLoss, KoLeoLoss, dino_pair_count, iBOTPatchLoss
+from dino_ray.losses.dino import DINOLoss, dino_pair_count
+from dino_ray.losses.ibot import iBOTPatchLoss
+from dino_ray.losses.koleo import KoLeoLoss
 from dino_ray.losses.config import LossConfig
 from dino_ray.models.heads import DINOHead
 

@@ -149,3 +149,136 @@ def test_cli_fails_fast_before_ray(demo_inputs):
     assert "did you mean pretrain.schedule.warmup_iters" in proc.stderr
     assert "Ray" not in proc.stdout
     assert elapsed < 5.0, f"config error took {elapsed:.1f}s"
+
+
+# ----------------------------------------------------------------------------- one config convention
+
+
+def test_every_wrong_key_is_reported_at_once(demo_inputs):
+    with pytest.raises(ConfigError) as err:
+        load_job(JOBS / "pretrain.yaml", ["pretrain.model.drop_path_rate=1.5", "pretrain.train.zero_stage=4",
+                                          "pretrain.schedule.base_lrr=1", "pretrain.loss.centering=kmeans"])
+    text = str(err.value)
+    assert "pretrain.yaml" in text and "4 problems" in text
+    for line in ("pretrain.model.drop_path_rate: 1.5 is out of range: must be < 1.0",
+                 "pretrain.train.zero_stage: 4 is out of range: must be <= 3",
+                 "pretrain.schedule.base_lrr: unknown key; did you mean pretrain.schedule.base_lr?",
+                 "pretrain.loss.centering: 'kmeans' is not one of"):
+        assert line in text, text
+    assert sorted(p.key for p in err.value.problems) == ["pretrain.loss.centering", "pretrain.model.drop_path_rate",
+                                                         "pretrain.schedule.base_lrr", "pretrain.train.zero_stage"]
+
+
+def test_a_union_mismatch_says_what_each_alternative_wanted():
+    from dataclasses import dataclass
+
+    from dino_ray.config.typed import build
+
+    @dataclass
+    class Section:
+        size: int | list[int] = 1  # evaluated in this module's globals: builtins only
+
+    with pytest.raises(ConfigError, match=r"size: 'big' matches none of .*expected an integer.*expected a list"):
+        build(Section, {"size": "big"})
+
+
+@pytest.mark.parametrize("override, key, direct, message", [
+    ("pretrain.schedule.base_lr=-1", "pretrain.schedule.base_lr",
+     ("train.schedules", "ScheduleConfig", "base_lr", -1.0), "is out of range: must be > 0.0"),
+    ("pretrain.loss.dino_out_dim=0", "pretrain.loss.dino_out_dim", ("losses.config", "LossConfig", "dino_out_dim", 0),
+     "is out of range: must be >= 1"),
+    ("pretrain.data.crops.interpolation=lanczos", "pretrain.data.crops.interpolation",
+     ("data.crop_config", "MultiCropConfig", "interpolation", "lanczos"), "is not one of ['bicubic', 'bilinear']"),
+    ("pretrain.data.masking.group_size=0", "pretrain.data.masking.group_size",
+     ("data.masking", "MaskingConfig", "group_size", 0), "is out of range: must be >= 1"),
+    ("curate.curation.sampling.target_fraction=2", "curate.curation.sampling.target_fraction",
+     ("curation.config", "SamplingConfig", "target_fraction", 2.0), "is out of range: must be <= 1.0"),
+    ("eval.linear.learning_rates=[0.1, -1]", "eval.linear.learning_rates",
+     ("evals.config", "LinearGridConfig", "learning_rates", (0.1, -1.0)), "is out of range: must be > 0.0"),
+])
+def test_a_bound_declared_on_the_field_rejects_yaml_and_code(demo_inputs, override, key, direct, message):
+    import importlib
+
+    with pytest.raises(ConfigError) as err:
+        load_job(JOBS / "pipeline.yaml", [override])
+    assert f"{key}: " in str(err.value) and message in str(err.value)
+    module, cls, name, value = direct
+    with pytest.raises(ValueError) as err:
+        getattr(importlib.import_module(f"dino_ray.{module}"), cls)(**{name: value})
+    assert f".{name}={value!r}" in str(err.value) and message in str(err.value)
+
+
+def _config_classes():
+    import dataclasses
+    import typing
+
+    from dino_ray.config.schema import JobConfig
+
+    seen, todo = set(), [JobConfig]
+    while todo:
+        cls = todo.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        for tp in typing.get_type_hints(cls).values():
+            stack = [tp]
+            while stack:
+                t = stack.pop()
+                if dataclasses.is_dataclass(t):
+                    todo.append(t)
+                stack += list(typing.get_args(t))
+    return seen
+
+
+def test_every_config_class_follows_the_convention():
+    """Reachable from JobConfig: checked on construction by the shared base; no __post_init__ of its own."""
+    import dataclasses
+
+    from dino_ray.config.fields import Checked
+
+    classes = _config_classes()
+    assert len(classes) > 20
+    for cls in classes:
+        assert issubclass(cls, Checked), cls
+        assert "__post_init__" not in vars(cls), cls
+        assert not any("choices" in f.metadata for f in dataclasses.fields(cls)), f"{cls}: use a Literal for choices"
+
+
+def test_stage_names_come_from_the_job_type():
+    import dataclasses
+
+    from dino_ray.config.schema import STAGE_NAMES, JobConfig
+
+    assert STAGE_NAMES == ("curate", "pretrain", "highres", "distill", "eval")
+    assert STAGE_NAMES == tuple(f.name for f in dataclasses.fields(JobConfig) if f.metadata.get("stage"))
+    assert JobConfig().stages == list(STAGE_NAMES) == list(JobConfig().stage_names())
+
+
+def test_uri_fields_are_discovered_from_the_types(tmp_path, monkeypatch):
+    from dino_ray.config.fields import uri_fields
+    from dino_ray.config.schema import JobConfig, LabeledDatasetConfig
+    from dino_ray.data.source_config import SourceConfig
+
+    monkeypatch.chdir(tmp_path)
+    job = JobConfig(stages=["curate", "eval"])
+    job.curate.seed_set = SourceConfig("seeds")
+    job.curate.eval_sets = [SourceConfig("held-out")]
+    job.eval.datasets = [LabeledDatasetConfig(name="d", train=SourceConfig("tr"), test=SourceConfig(""))]
+    job.eval.backbones = ["pretrain", "exported/vit"]
+    found = {f.key: f.input for f in uri_fields(job)}
+    assert {"output_root": None, "curate.pool.uri": "required", "curate.eval_sets[0].uri": "required",
+            "curate.seed_set.uri": "required", "curate.embed.checkpoint": "optional",
+            "pretrain.data.source.uri": "optional", "pretrain.monitor.train.uri": "required",
+            "distill.teacher": "required", "eval.datasets[0].train.uri": "required",
+            "eval.backbones[1]": None}.items() <= found.items()
+    job.absolutize()
+    assert job.curate.seed_set.uri == str(tmp_path / "seeds") and job.eval.datasets[0].train.uri == str(tmp_path / "tr")
+    assert job.eval.backbones == ["pretrain", str(tmp_path / "exported/vit")] and job.distill.teacher == "highres"
+    assert job.output_root == str(tmp_path / "outputs/run")
+    with pytest.raises(ConfigError) as err:
+        job.check_inputs("job.yaml")
+    keys = sorted(p.key for p in err.value.problems)
+    assert keys == ["curate.embed.checkpoint", "curate.eval_sets[0].uri", "curate.pool.uri", "curate.seed_set.uri",
+                    "eval.datasets[0].test.uri", "eval.datasets[0].train.uri"], str(err.value)
+    assert "eval.datasets[0].test.uri: is empty" in str(err.value)
+    assert f"curate.seed_set.uri: input path does not exist: {tmp_path / 'seeds'}" in str(err.value)

@@ -8,8 +8,7 @@ import faiss
 import numpy as np
 import pytest
 
-from dino_ray.curation.knn_graph import knn_graph  # a submodule of the same name shadows a lazy export
-from dino_ray.curation import (
+from dino_ray.curation.config import (
     ClusteringConfig,
     CurationConfig,
     DecontaminationConfig,
@@ -17,22 +16,14 @@ from dino_ray.curation import (
     IndexConfig,
     RetrievalConfig,
     SamplingConfig,
-    balanced_sample,
-    build_index,
-    connected_components,
-    curate_arrays,
-    decontaminate,
-    hierarchical_kmeans,
-    graph_recall,
-    index_kind,
-    knn_edges,
-    measure_recall,
-    resampled_kmeans,
-    retrieve_by_cluster,
-    retrieve_nearest,
-    self_dedup,
-    water_fill,
 )
+from dino_ray.curation.dedup import connected_components, decontaminate, self_dedup
+from dino_ray.curation.index import build_index, index_kind, measure_recall
+from dino_ray.curation.kmeans import hierarchical_kmeans, resampled_kmeans
+from dino_ray.curation.knn_graph import graph_recall, knn_edges, knn_graph
+from dino_ray.curation.plan import curate_arrays
+from dino_ray.curation.retrieval import retrieve_by_cluster, retrieve_nearest
+from dino_ray.curation.sampling import balanced_sample, water_fill
 
 DIM = 128
 

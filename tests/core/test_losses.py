@@ -11,15 +11,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dino_ray.losses import (
-    DINOLoss,
-    KoLeoLoss,
-    SoftmaxCentering,
-    dino_pair_count,
-    iBOTPatchLoss,
-    masked_token_weights,
-    sinkhorn_knopp,
-)
+from dino_ray.losses.centering import SoftmaxCentering, sinkhorn_knopp
+from dino_ray.losses.dino import DINOLoss, dino_pair_count
+from dino_ray.losses.ibot import iBOTPatchLoss, masked_token_weights
+from dino_ray.losses.koleo import KoLeoLoss
 
 
 def _reference_sinkhorn(logits: torch.Tensor, temp: float, n_iterations: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 from dino_ray.config.loader import load_job
 from dino_ray.config.typed import ConfigError
 from dino_ray.plan import Hardware, check_job_fits, parse_bytes, plan_job
-from dino_ray.plan.memory import GiB, state_bytes
+from dino_ray.plan.memory import GiB, buffer_bytes, state_bytes
 from dino_ray.plan.trace import masked_patches_per_batch, trace_step
 
 REPO = Path(__file__).resolve().parents[2]
@@ -82,9 +82,13 @@ def test_model_state_per_worker_follows_the_zero_stage():
     p = 1_000_000
     assert state_bytes(p, 0, 4, False, False, p) == 20 * p  # fp32 weights, grads, AdamW m, v + EMA
     assert state_bytes(p, 0, 4, False, True, p) == 22 * p  # + autocast's bf16 weight copies
-    assert state_bytes(p, 2, 4, False, False, p) == 4 * p + 3 * p + 4 * p
-    assert state_bytes(p, 3, 4, False, False, p) == (20 + 4) * p // 4
-    assert state_bytes(p, 3, 4, True, False, p) == (18 + 4) * p // 4
+    assert state_bytes(p, 2, 4, False, False, p) == 8 * p + 4 * p + 4 * p
+    assert state_bytes(p, 3, 4, False, False, p) == (24 + 4) * p // 4  # DeepSpeed's buffers, measured
+    assert state_bytes(p, 3, 4, True, False, p) == (22 + 4) * p // 4
+    # ZeRO-3's whole-model working copies: gathered student (capped), reduce bucket (capped), gathered EMA
+    assert buffer_bytes(p, p, 3, 4) == 12 * p
+    assert buffer_bytes(10 * p, 10 * p, 3, 2, max_live=p, reduce_bucket=2 * p) == 2 * p + 4 * p + 4 * p
+    assert buffer_bytes(p, p, 0, 4) == 0
 
 
 def test_a_plan_row_per_training_stage_and_the_largest_batch_is_the_edge_of_fitting():
