@@ -161,7 +161,7 @@ class JobConfig(Checked):
         loaders = [("highres", "pretrain")]
         if self.distill.teacher in ("pretrain", "highres"):
             loaders.append(("distill", self.distill.teacher))
-        for stage, source in loaders:
+        for stage, source in [(st, src) for st, src in loaders if st in self.stages]:
             mine, theirs = getattr(self, stage).loss.head_shapes(), getattr(self, source).loss.head_shapes()
             diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
             if diff:

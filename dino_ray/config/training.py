@@ -97,10 +97,8 @@ class TrainConfig(Checked):
     # Recompute each transformer block's activations during the backward: a step then keeps one block's
     # activations instead of all of them, for one more forward of compute (`dino-ray plan` shows both).
     activation_checkpointing: bool = bounded(False, operational=True)
-    # ZeRO-3's whole-model working copies, in elements (DeepSpeed's defaults): weights gathered for a forward stay
-    # gathered until the backward up to the live cap, and gradients are reduced in buckets of this size. Lower
-    # both to fit a tight GPU (more all-gathers per step); `dino-ray plan` counts them.
-    zero3_max_live_parameters: int = bounded(1_000_000_000, ge=0, operational=True)
+    # ZeRO-3 reduces gradients in buckets of this many elements (DeepSpeed's default): a smaller bucket holds
+    # less memory per worker for more collectives per step; `dino-ray plan` counts it.
     zero3_reduce_bucket_size: int = bounded(500_000_000, ge=1, operational=True)
     # What a collapse alarm does (dino_ray.train.alarms): warn = log + tag the MLflow run and go on;
     # stop = also end the stage with an error, after checkpointing the current step.

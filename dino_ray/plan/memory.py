@@ -14,10 +14,11 @@ parameter P, world size N (checked against real steps by ``benchmarks/memory_pla
 | 0 | 16 P (torch AdamW on the replicated model) | 4 P |
 
 At stages 0-2 the weights stay fp32 and bf16 runs as autocast, whose cast copies of the weights add 2 P.
-ZeRO-3 also holds whole-model working copies, bounded by its config: the gathered student weights, which
-stay gathered from the forward to the backward up to ``train.zero3_max_live_parameters`` elements (with
-DeepSpeed's default reuse distance), the gradient reduce bucket (``train.zero3_reduce_bucket_size``
-elements) and the gathered EMA / teacher weights (fp32, the same live cap). Activations are traced
+ZeRO-3 on more than one worker also holds whole-model working copies of the student beyond its shards:
+two in the weights' dtype (the gathered weights and their full gradients before the reduce-scatter, as
+measured on real steps: DeepSpeed's ``stage3_max_live_parameters`` did not lower them) and the gradient
+reduce bucket (``train.zero3_reduce_bucket_size`` elements, DeepSpeed's 5e8 by default, capped at the
+model's size). On one worker the shards are the whole model and nothing is copied. Activations are traced
 (``plan/trace.py``), with and without per-block activation checkpointing. Students of a distillation
 step run one after the other, so their activations do not add up; their states do.
 
@@ -34,7 +35,6 @@ from dino_ray.config.schema import TRAINING_STAGES
 from dino_ray.plan.trace import StepTrace, trace_step
 
 GiB = 2 ** 30
-MAX_LIVE_PARAMETERS = 1_000_000_000  # DeepSpeed stage3_max_live_parameters default (elements)
 REDUCE_BUCKET = 500_000_000  # DeepSpeed reduce_bucket_size default (elements)
 
 
@@ -120,14 +120,12 @@ def state_bytes(params: int, zero_stage: int, world: int, bf16_engine: bool, aut
     return int(student + 4 * ema_params)
 
 
-def buffer_bytes(student_params: int, ema_params: int, zero_stage: int, weight_bytes: int,
-                 max_live: int = MAX_LIVE_PARAMETERS, reduce_bucket: int = REDUCE_BUCKET) -> int:
-    """ZeRO-3's whole-model working copies: gathered student weights (kept from forward to backward up to
-    the live cap), the gradient reduce bucket, the gathered fp32 EMA / teacher weights; 0 at stages 0-2."""
-    if zero_stage != 3:
+def buffer_bytes(student_params: int, zero_stage: int, world: int, weight_bytes: int,
+                 reduce_bucket: int = REDUCE_BUCKET) -> int:
+    """ZeRO-3's whole-model working copies on more than one worker (module docstring); 0 otherwise."""
+    if zero_stage != 3 or world <= 1:
         return 0
-    return int(weight_bytes * min(max_live, student_params) + weight_bytes * min(reduce_bucket, student_params)
-               + 4 * min(max_live, ema_params))
+    return int(weight_bytes * (2 * student_params + min(reduce_bucket, student_params)))
 
 
 def _precision(train: Any, hw: Hardware) -> tuple[str, bool, bool]:
@@ -153,16 +151,14 @@ def plan_stage(stage: str, members: list[tuple[str, Any]], loss_cfg: Any, crops:
     teacher = (trace_step(teacher_cfg, loss_cfg, crops, masking, batch, dtype, drop_path=False)
                if teacher_cfg is not None else None)
     weight_bytes = 2 if bf16_engine else 4
-    live, bucket = train.zero3_max_live_parameters, train.zero3_reduce_bucket_size
+    bucket = train.zero3_reduce_bucket_size
     state = sum(state_bytes(m.params, train.zero_stage, hw.workers, bf16_engine, autocast, m.params) for m in traced)
-    # members step one after the other: the largest student's working copies, and its EMA's (or the teacher's)
-    buffers = max(buffer_bytes(m.params, m.params, train.zero_stage, weight_bytes, live, bucket) for m in traced)
+    # members step one after the other: the largest student's working copies
+    buffers = max(buffer_bytes(m.params, train.zero_stage, hw.workers, weight_bytes, bucket) for m in traced)
     total_params = sum(m.params for m in traced)
     if teacher is not None:
         t_params = sum(teacher.params.values())
         state += state_bytes(0, train.zero_stage, hw.workers, False, False, t_params)
-        buffers = max(buffer_bytes(m.params, t_params, train.zero_stage, weight_bytes, live, bucket)
-                      for m in traced)
         total_params += t_params
     targets = (teacher or traced[0].trace).target_bytes
     fixed = state + buffers + hw.reserve_bytes

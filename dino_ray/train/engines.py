@@ -32,13 +32,8 @@ def worker_device() -> torch.device:
 def ds_config(spec: LoopSpec, world: int, bf16: bool, with_optimizer: bool) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": spec.train.zero_stage}
     if spec.train.zero_stage == 3:
-        # The whole-model working copies ZeRO-3 holds (`dino-ray plan` counts them): weights gathered for the
-        # forward stay gathered until the backward up to `live` elements (reuse distance = live), and the
-        # gradient reduce bucket. DeepSpeed's defaults are 1e9 and 5e8 elements.
-        live = spec.train.zero3_max_live_parameters
-        zero.update(stage3_max_live_parameters=live, stage3_max_reuse_distance=live,
-                    stage3_prefetch_bucket_size=min(50_000_000, live),
-                    reduce_bucket_size=spec.train.zero3_reduce_bucket_size)
+        # the gradient reduce bucket, one of the working buffers `dino-ray plan` counts (DeepSpeed's default 5e8)
+        zero["reduce_bucket_size"] = spec.train.zero3_reduce_bucket_size
         if not with_optimizer:
             # EMA engines are updated shard-locally, so none of their parameters may stay gathered between
             # forwards (ZeRO-3 keeps small ones resident by default): threshold 0 for them.

@@ -85,10 +85,10 @@ def test_model_state_per_worker_follows_the_zero_stage():
     assert state_bytes(p, 2, 4, False, False, p) == 8 * p + 4 * p + 4 * p
     assert state_bytes(p, 3, 4, False, False, p) == (24 + 4) * p // 4  # DeepSpeed's buffers, measured
     assert state_bytes(p, 3, 4, True, False, p) == (22 + 4) * p // 4
-    # ZeRO-3's whole-model working copies: gathered student (capped), reduce bucket (capped), gathered EMA
-    assert buffer_bytes(p, p, 3, 4) == 12 * p
-    assert buffer_bytes(10 * p, 10 * p, 3, 2, max_live=p, reduce_bucket=2 * p) == 2 * p + 4 * p + 4 * p
-    assert buffer_bytes(p, p, 0, 4) == 0
+    # ZeRO-3's whole-model working copies on several workers: gathered weights, full gradients, reduce bucket
+    assert buffer_bytes(p, 3, 2, 4) == 12 * p
+    assert buffer_bytes(10 * p, 3, 8, 2, reduce_bucket=2 * p) == 2 * (20 * p + 2 * p)
+    assert buffer_bytes(p, 3, 1, 4) == buffer_bytes(p, 0, 4, 4) == 0
 
 
 def test_a_plan_row_per_training_stage_and_the_largest_batch_is_the_edge_of_fitting():
