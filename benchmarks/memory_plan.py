@@ -9,8 +9,8 @@
 2. `jobs/presets/vitg14.yaml` planned on 256 A100-80GB (DINOv2's setup for ViT-g/14: batch 12 per GPU),
    with the step time DINOv2's published compute implies (22,016 A100-hours for 625k iterations on 256 GPUs).
 
-    python benchmarks/memory_plan.py [--archs vit_small vit_base vit_large] [--checkpointing]
-                                     [--save JSON] [--update-readme memory-plan]
+    python benchmarks/memory_plan.py [--archs vit_small vit_base vit_large] [--checkpointing no|yes|both]
+                                     [--previous DRILLS.jsonl] [--save JSON] [--update-readme memory-plan]
 
 Last stdout line: JSON; `ours` = the largest |predicted / measured - 1| over the archs (target <= 0.2).
 """
@@ -49,38 +49,52 @@ def synthetic_images(folder: Path, n: int = 16, size: int = 256) -> Path:
     return folder
 
 
-def drill(arch: str, checkpointing: bool, images: Path, work: Path) -> dict:
-    """Two real steps of the stage, and the plan of the same job; figures per worker in GiB."""
+def drill_job(arch: str, checkpointing: bool, images: Path | str, root: Path | str):
     from dino_ray.config.loader import load_job
+
+    return load_job(DRILL, [f"output_root={root}", f"tracking.tracking_uri=sqlite:///{root}/mlflow.db",
+                            f"pretrain.model.arch={arch}", f"pretrain.data.source.uri={images}",
+                            *([f"pretrain.loss.dino_out_dim={PROTOTYPES[arch]}",
+                               f"pretrain.loss.ibot_out_dim={PROTOTYPES[arch]}"] if arch in PROTOTYPES else []),
+                            f"pretrain.train.activation_checkpointing={str(checkpointing).lower()}"],
+                    check_inputs=False)
+
+
+def drill(arch: str, checkpointing: bool, images: Path, work: Path) -> dict:
+    """Two real steps of the stage: each worker's peak while stepping minus its memory before the models (GiB)."""
     from dino_ray.pipeline import Pipeline
-    from dino_ray.plan import Hardware, plan_job
 
     root = work / f"{arch}{'-ckpt' if checkpointing else ''}-{int(time.time())}"
-    job = load_job(DRILL, [f"output_root={root}", f"tracking.tracking_uri=sqlite:///{root}/mlflow.db",
-                           f"pretrain.model.arch={arch}", f"pretrain.data.source.uri={images}",
-                           *([f"pretrain.loss.dino_out_dim={PROTOTYPES[arch]}",
-                              f"pretrain.loss.ibot_out_dim={PROTOTYPES[arch]}"] if arch in PROTOTYPES else []),
-                           f"pretrain.train.activation_checkpointing={str(checkpointing).lower()}"])
+    job = drill_job(arch, checkpointing, images, root)
     start = time.time()
     summary = Pipeline(job, ensure_ray=lambda: None).run()["pretrain"]["summary"]
     wall = time.time() - start
     ranks = sorted({k.split("/")[1].split("_")[0] for k in summary if k.startswith("memory/rank")})
     measured = {r: summary[f"memory/{r}_peak_gb"] - summary[f"memory/{r}_before_models_gb"] for r in ranks}
-    plan = plan_job(job, Hardware(workers=job.pretrain.train.scaling.num_workers, memory_bytes=24 * GiB,
-                                  device="cpu", reserve_bytes=0))[0]
-    predicted = plan.total(checkpointing) / GiB
-    worst = max(measured.values())
-    return {"arch": arch, "activation_checkpointing": checkpointing, "params_m": round(plan.params / 1e6, 1),
-            "prototypes": job.pretrain.loss.dino_out_dim,
-            "predicted_gb": round(predicted, 3), "measured_gb_by_rank": {r: round(v, 3) for r, v in measured.items()},
-            "measured_gb": round(worst, 3), "error": round(predicted / worst - 1, 3),
-            "predicted_parts_gb": {"model_state": round(plan.state_bytes / GiB, 3),
-                                   "zero3_buffers": round(plan.buffer_bytes / GiB, 3),
-                                   "activations": round((plan.activation_ckpt_bytes if checkpointing
-                                                         else plan.activation_bytes) / GiB, 3),
-                                   "teacher_targets": round(plan.target_bytes / GiB, 3)},
+    return {"arch": arch, "activation_checkpointing": checkpointing, "prototypes": job.pretrain.loss.dino_out_dim,
+            "measured_gb_by_rank": {r: round(v, 3) for r, v in measured.items()},
+            "measured_gb": round(max(measured.values()), 3),
             "before_models_gb": {r: summary[f"memory/{r}_before_models_gb"] for r in ranks},
             "stage_s": round(wall, 1)}
+
+
+def predict(d: dict) -> dict:
+    """The planner's figures for a drill's job (recomputed, so earlier drills are judged by today's planner)."""
+    from dino_ray.plan import Hardware, plan_job
+
+    job = drill_job(d["arch"], d["activation_checkpointing"], "/nonexistent", "/nonexistent")
+    plan = plan_job(job, Hardware(workers=job.pretrain.train.scaling.num_workers, memory_bytes=24 * GiB,
+                                  device="cpu", reserve_bytes=0))[0]
+    ckpt = d["activation_checkpointing"]
+    predicted = plan.total(ckpt) / GiB
+    return {**d, "params_m": round(plan.params / 1e6, 1), "predicted_gb": round(predicted, 3),
+            "error": round(predicted / d["measured_gb"] - 1, 3),
+            "predicted_parts_gb": {"model_state": round(plan.state_bytes / GiB, 3),
+                                   "zero3_buffers": round(plan.buffer_bytes / GiB, 3),
+                                   "activations": round((plan.activation_ckpt_bytes if ckpt
+                                                         else plan.activation_bytes) / GiB, 3),
+                                   "teacher_targets": round(plan.target_bytes / GiB, 3),
+                                   "optimizer_step_temporaries": round(plan.optimizer_temp_bytes / GiB, 3)}}
 
 
 def vitg_plan() -> dict:
@@ -126,8 +140,12 @@ def markdown(result: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--archs", nargs="+", default=["vit_small", "vit_base", "vit_large"])
-    p.add_argument("--checkpointing", action="store_true", help="also run each arch with activation checkpointing")
+    p.add_argument("--archs", nargs="*", default=["vit_small", "vit_base", "vit_large"],
+                   help="archs to drill now (none: only judge the --previous drills with today's planner)")
+    p.add_argument("--checkpointing", choices=["no", "yes", "both"], default="no",
+                   help="run each arch without / with activation checkpointing, or both")
+    p.add_argument("--previous", metavar="JSONL", help="drills of an earlier run (one JSON line each, as this "
+                   "script prints them on stderr) for the archs and settings not run now")
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "dino-ray-memory-plan"))
     p.add_argument("--save", metavar="JSON")
     p.add_argument("--update-readme", metavar="NAME")
@@ -135,19 +153,26 @@ def main() -> None:
     args = p.parse_args()
     if args.render:
         return publish(json.loads(Path(args.render).read_text()), args.update_readme)
-    from dino_ray.config.loader import load_job
-    from dino_ray.ray_utils import init_ray
-
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     work = Path(args.work)
-    images = synthetic_images(work / "images")
-    base = load_job(DRILL, [f"pretrain.data.source.uri={images}"])
-    init_ray(base.ray.address, base.ray.num_cpus)
+    if args.archs:
+        from dino_ray.config.loader import load_job
+        from dino_ray.ray_utils import init_ray
+
+        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+        images = synthetic_images(work / "images")
+        base = load_job(DRILL, [f"pretrain.data.source.uri={images}"])
+        init_ray(base.ray.address, base.ray.num_cpus)
     drills = []
+    settings = {"no": [False], "yes": [True], "both": [False, True]}[args.checkpointing]
     for arch in args.archs:
-        for ckpt in ([False, True] if args.checkpointing else [False]):
+        for ckpt in settings:
             drills.append(drill(arch, ckpt, images, work))
             print(json.dumps(drills[-1]), file=sys.stderr, flush=True)
+    if args.previous:
+        ran = {(d["arch"], d["activation_checkpointing"]) for d in drills}
+        earlier = [json.loads(line) for line in Path(args.previous).read_text().splitlines() if line.strip()]
+        drills = [d for d in earlier if (d["arch"], d["activation_checkpointing"]) not in ran] + drills
+    drills = [predict(d) for d in drills]
     worst = max(abs(d["error"]) for d in drills)
     out = {"name": "memory_plan_predicted_vs_measured", "unit": "max |predicted / measured - 1|",
            "ours": round(worst, 3), "baseline": 0.2, "ratio": round(worst / 0.2, 3),

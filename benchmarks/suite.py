@@ -56,6 +56,11 @@ def table(results: dict[str, dict]) -> str:
         quick = " (`--quick`)" if r.get("details", {}).get("quick") else ""
         lines.append(f"| `{name}.py`{quick} | {headline} | {fmt(r.get('ours'))} | {fmt(r.get('baseline'))} | "
                      f"{fmt(r.get('ratio'))} | {r.get('unit', '')} |")
+    scaling = results.get("curate", {}).get("details", {}).get("scaling") or []
+    if scaling:  # how curation grows with the pool (IVF index forced at every size)
+        lines += ["", "`curate.py` scaling (IVF index at every size): " + "; ".join(
+            f"{s['n']:,} embeddings in {s['wall_s']} s, {s['max_rss_mb'] / 1024:.1f} GB peak RSS, graph recall@64 "
+            f"{s.get('knn_graph_recall_at_64')}" for s in scaling) + "."]
     return "\n".join(lines)
 
 

@@ -27,7 +27,8 @@ import yaml
 from dino_ray import storage, tracking
 from dino_ray.config.loader import config_hash
 from dino_ray.config.typed import ConfigError, flatten, to_dict
-from dino_ray.stage_records import (FAILURE_RECORD, MANIFEST, PIPELINE_RECORD, REPLACED, RUN_RECORD, known_failure,
+from dino_ray.pipeline_runs import PipelineRuns
+from dino_ray.stage_records import (FAILURE_RECORD, MANIFEST, REPLACED, known_failure,
                                     name_of, read_manifest, read_record, refuse_foreign, replaceable, run_reason)
 from dino_ray.stages.contract import NonRetryableError, StageContext, StageResult, StageSpec
 
@@ -136,7 +137,7 @@ class Pipeline:
         self.check_resume(resume, force)
         self.check_inputs()
         manifests: dict[str, dict[str, Any]] = {}
-        tracker: _Tracker | None = None
+        tracker: PipelineRuns | None = None
         for name in self.ordered():
             spec = self.registry[name]
             needs = list(spec.needs(self.job))
@@ -161,7 +162,7 @@ class Pipeline:
                     f"{failed['error']} [this config already failed this way at {failed['at']}; it was not run "
                     f"again: change the config, or pass --force {name} to try once more]"))
             self.events.stage_started(name, reason)
-            tracker = tracker or _Tracker(self.job)
+            tracker = tracker or PipelineRuns(self.job)
             try:
                 manifests[name] = self._run_stage(spec, key, {up: manifests[up]["outputs"] for up in needs},
                                                   tokens, tracker, forced=name in force, resume=name in resume)
@@ -174,7 +175,7 @@ class Pipeline:
         return manifests
 
     def _run_stage(self, spec: StageSpec, key: str, upstream: dict[str, dict[str, str]],
-                   tokens: dict[str, str], tracker: "_Tracker", forced: bool = False,
+                   tokens: dict[str, str], tracker: "PipelineRuns", forced: bool = False,
                    resume: bool = False) -> dict[str, Any]:
         name = spec.name
         stage_dir = self.stage_dir(name)
@@ -249,7 +250,7 @@ class Pipeline:
         log.warning("stage %s: %s; its previous outputs were moved to %s (delete them when no longer needed)",
                     spec.name, "forced" if forced else "config changed", aside)
 
-    def _ensure_ray_tagged(self, tracker: "_Tracker", run_id: str) -> Callable[[], None]:
+    def _ensure_ray_tagged(self, tracker: "PipelineRuns", run_id: str) -> Callable[[], None]:
         def ensure() -> None:
             self.ensure_ray()
             try:
@@ -261,56 +262,3 @@ class Pipeline:
             except Exception:  # noqa: BLE001 - tagging must never fail a stage
                 log.debug("could not tag ray resources", exc_info=True)
         return ensure
-
-
-class _Tracker:
-    """Parent run of an output root, and the nested run of each stage."""
-
-    def __init__(self, job: Any):
-        self.job = job
-        self.uri = tracking.resolve_tracking_uri(job.tracking.tracking_uri)
-        self.exp_id = tracking.experiment_id(self.uri, job.tracking.experiment)
-        record_uri = storage.join(job.output_root, PIPELINE_RECORD)
-        record = storage.read_json(record_uri) if storage.exists(record_uri) else {}
-        parent = record.get("parent_run_id")
-        if record.get("tracking_uri") != self.uri or not tracking.run_exists(self.uri, parent):
-            parent = tracking.create_run(self.uri, self.exp_id, job.tracking.run_name or job.name,
-                                         tags={**tracking.environment_tags(), "dino_ray.output_root": job.output_root})
-            storage.write_json(record_uri, {"parent_run_id": parent, "tracking_uri": self.uri,
-                                            "experiment_id": self.exp_id})
-        else:
-            tracking.set_status(self.uri, parent, "RUNNING")
-        self.parent_id = parent
-        resolved = to_dict(job)
-        tracking.log_params(self.uri, parent, {k: v for k, v in flatten(resolved).items()
-                                               if k.split(".")[0] not in job.stage_names()})
-        tracking.log_text(self.uri, parent, yaml.safe_dump(_redact(resolved), sort_keys=False),
-                          "config/resolved.yaml")
-
-    def stage_run(self, name: str, key: str, stage_dir: str) -> str:
-        record = read_record(stage_dir)
-        run_id = record.get("run_id")
-        if record.get("key") == key and record.get("tracking_uri") == self.uri and tracking.run_exists(self.uri, run_id):
-            tracking.set_status(self.uri, run_id, "RUNNING")
-            return run_id
-        run_id = tracking.create_run(self.uri, self.exp_id, name, parent_run_id=self.parent_id,
-                                     tags={**tracking.environment_tags(), "dino_ray.stage": name,
-                                           "dino_ray.key": key})
-        section = to_dict(getattr(self.job, name, None))
-        tracking.log_params(self.uri, run_id, flatten({name: section, "seed": self.job.seed}))
-        tracking.log_text(self.uri, run_id, yaml.safe_dump(_redact({name: section}), sort_keys=False),
-                          "config/stage.yaml")
-        storage.write_json(storage.join(stage_dir, RUN_RECORD),
-                           {"key": key, "run_id": run_id, "tracking_uri": self.uri})
-        return run_id
-
-    def finish(self) -> None:
-        tracking.set_status(self.uri, self.parent_id, "FINISHED")
-
-
-def _redact(tree: Any) -> Any:
-    if isinstance(tree, dict):
-        return {k: ("***" if tracking.is_secret(str(k)) else _redact(v)) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_redact(v) for v in tree]
-    return tracking.redact_url(tree) if isinstance(tree, str) else tree

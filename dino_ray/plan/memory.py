@@ -18,7 +18,9 @@ ZeRO-3 on more than one worker also holds whole-model working copies of the stud
 two in the weights' dtype (the gathered weights and their full gradients before the reduce-scatter, as
 measured on real steps: DeepSpeed's ``stage3_max_live_parameters`` did not lower them) and the gradient
 reduce bucket (``train.zero3_reduce_bucket_size`` elements, DeepSpeed's 5e8 by default, capped at the
-model's size). On one worker the shards are the whole model and nothing is copied. Activations are traced
+model's size). On one worker the shards are the whole model and nothing is copied. The optimizer step
+comes after the activations are freed but adds AdamW's temporaries (8 bytes per parameter the worker
+updates, measured); the peak is the larger of the two moments. Activations are traced
 (``plan/trace.py``), with and without per-block activation checkpointing. Students of a distillation
 step run one after the other, so their activations do not add up; their states do.
 
@@ -87,6 +89,7 @@ class StagePlan:
     activation_bytes: int
     activation_ckpt_bytes: int
     target_bytes: int
+    optimizer_temp_bytes: int  # AdamW's temporaries during the optimizer step (activations are gone by then)
     reserve_bytes: int
     memory_bytes: int
     largest_batch: int
@@ -98,8 +101,10 @@ class StagePlan:
     notes: list[str] = field(default_factory=list)
 
     def total(self, checkpointing: bool) -> int:
+        """The step's peak: the backward (activations and targets held) or the optimizer step, the larger."""
         act = self.activation_ckpt_bytes if checkpointing else self.activation_bytes
-        return self.state_bytes + self.buffer_bytes + act + self.target_bytes + self.reserve_bytes
+        return (self.state_bytes + self.buffer_bytes + max(act + self.target_bytes, self.optimizer_temp_bytes)
+                + self.reserve_bytes)
 
     @property
     def fits(self) -> bool:
@@ -161,6 +166,8 @@ def plan_stage(stage: str, members: list[tuple[str, Any]], loss_cfg: Any, crops:
         state += state_bytes(0, train.zero_stage, hw.workers, False, False, t_params)
         total_params += t_params
     targets = (teacher or traced[0].trace).target_bytes
+    # torch's foreach AdamW builds two fp32 temporaries the size of what each worker updates
+    optimizer_temps = max(8 * m.params // (hw.workers if train.zero_stage >= 1 else 1) for m in traced)
     fixed = state + buffers + hw.reserve_bytes
 
     def acts(b: int, ckpt: bool) -> int:
@@ -171,7 +178,7 @@ def plan_stage(stage: str, members: list[tuple[str, Any]], loss_cfg: Any, crops:
 
     def largest_batch(ckpt: bool) -> int:
         b = 0
-        while b < 1 << 16 and fixed + acts(b + 1, ckpt) + targets_at(b + 1) <= hw.memory_bytes:
+        while b < 1 << 16 and fixed + max(acts(b + 1, ckpt) + targets_at(b + 1), optimizer_temps) <= hw.memory_bytes:
             b += 1
         return b
 
@@ -186,7 +193,8 @@ def plan_stage(stage: str, members: list[tuple[str, Any]], loss_cfg: Any, crops:
         stage=stage, models=", ".join(m.name for m in traced) + (" (teacher frozen)" if teacher is not None else ""),
         batch=batch, zero_stage=train.zero_stage, precision=dtype, params=total_params, state_bytes=state,
         buffer_bytes=buffers, activation_bytes=acts(batch, False), activation_ckpt_bytes=acts(batch, True),
-        target_bytes=targets, reserve_bytes=hw.reserve_bytes, memory_bytes=hw.memory_bytes,
+        target_bytes=targets, optimizer_temp_bytes=optimizer_temps, reserve_bytes=hw.reserve_bytes,
+        memory_bytes=hw.memory_bytes,
         largest_batch=largest_batch(False), largest_batch_ckpt=largest_batch(True),
         step_tflop=flops / 1e12, step_s=flops / per_s, step_ckpt_s=(flops + student_flops) / per_s,
         checkpointing=bool(getattr(train, "activation_checkpointing", False)), notes=notes)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dino_ray.console import mlflow_hint
-from dino_ray.pipeline import _redact
+from dino_ray.pipeline_runs import redact as _redact
 from dino_ray.tracking import is_secret, redact_url, safe_params
 
 
