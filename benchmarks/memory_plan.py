@@ -30,6 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 DRILL = REPO / "jobs" / "presets" / "real_size_drill.yaml"
 VITG = REPO / "jobs" / "presets" / "vitg14.yaml"
+from quality import finish, publish  # noqa: E402  (the benchmarks' shared ending)
+
 GiB = 2 ** 30
 # Two ViT-L workers with the recipe's 131,072-prototype heads need more than this machine's 24 GB: smaller heads.
 PROTOTYPES = {"vit_large": 32_768}
@@ -152,7 +154,7 @@ def main() -> None:
     p.add_argument("--render", metavar="JSON", help="run nothing: render a saved result")
     args = p.parse_args()
     if args.render:
-        return publish(json.loads(Path(args.render).read_text()), args.update_readme)
+        return publish(json.loads(Path(args.render).read_text()), args.update_readme, markdown)
     work = Path(args.work)
     if args.archs:
         from dino_ray.config.loader import load_job
@@ -178,18 +180,7 @@ def main() -> None:
            "ours": round(worst, 3), "baseline": 0.2, "ratio": round(worst / 0.2, 3),
            "details": {"drills": drills, "vitg14": vitg_plan(), "python": platform.python_version(),
                        "load_avg_1m_at_end": round(os.getloadavg()[0], 2)}}
-    if args.save:
-        Path(args.save).write_text(json.dumps(out, indent=1) + "\n")
-    publish(out, args.update_readme)
-    print(json.dumps(out))
-
-
-def publish(result: dict, readme_block: str | None) -> None:
-    print(markdown(result), file=sys.stderr)
-    if readme_block:
-        from dino_ray.run_report import update_readme
-
-        update_readme(REPO / "README.md", readme_block, markdown(result))
+    finish(out, markdown, args.save, args.update_readme)
 
 
 if __name__ == "__main__":

@@ -305,18 +305,25 @@ def main() -> None:
             ratio = speed_ratio(pre.get("train_images_per_s"), peer_result.get("train_images_per_s"))
             if ratio is not None:
                 out["details"]["train_images_per_s_ours_over_peer"] = round(ratio, 3)
-    if args.save:
-        Path(args.save).write_text(json.dumps(out, indent=1) + "\n")
-    publish(out, args.update_readme)
-    print(json.dumps(out))
+    finish(out, markdown, args.save, args.update_readme)
 
 
-def publish(result: dict, readme_block: str | None) -> None:
-    print(markdown(result), file=sys.stderr)
+def finish(result: dict, render, save: str | None, readme_block: str | None) -> None:
+    """A benchmark's ending: the JSON saved (``--save``), its table on stderr and, with ``--update-readme``,
+    between the README's markers; the JSON as the last stdout line."""
+    if save:
+        Path(save).write_text(json.dumps(result, indent=1) + "\n")
+    publish(result, readme_block, render)
+    print(json.dumps(result))
+
+
+def publish(result: dict, readme_block: str | None, render=None) -> None:
+    text = (render or markdown)(result)
+    print(text, file=sys.stderr)
     if readme_block:
         from dino_ray.run_report import update_readme
 
-        update_readme(REPO / "README.md", readme_block, markdown(result))
+        update_readme(REPO / "README.md", readme_block, text)
 
 
 if __name__ == "__main__":

@@ -149,7 +149,7 @@ def main() -> None:
     from dino_ray.config.loader import load_job
     from dino_ray.train import precision as mixed
 
-    job = load_job(args.preset)
+    job = load_job(args.preset, check_inputs=False)  # the recipe only: no data path is read
     cfg = job.pretrain
     batch, crops = cfg.train.batch_size_per_worker, cfg.data.crops
     threads = args.threads or int(cfg.train.threads_per_worker or cfg.train.scaling.cpus_per_worker)

@@ -162,13 +162,19 @@ def check_patch_grid(model: ModelConfig, data: SSLDataConfig) -> None:
 
 
 @dataclass
-class PretrainConfig(Checked):
-    model: ModelConfig = field(default_factory=ModelConfig)
+class TrainingStageConfig(Checked):
+    """What every training stage has: its data and crops, objective, schedule, loop and monitor."""
+
     data: SSLDataConfig = field(default_factory=SSLDataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     monitor: MonitorConfig = operational(MonitorConfig)
+
+
+@dataclass
+class PretrainConfig(TrainingStageConfig):
+    model: ModelConfig = field(default_factory=ModelConfig)
 
     def validate(self) -> None:
         check_patch_grid(self.model, self.data)
@@ -179,17 +185,14 @@ def _highres_data() -> SSLDataConfig:
 
 
 @dataclass
-class HighResConfig(Checked):
+class HighResConfig(TrainingStageConfig):
     """A short continuation at high resolution (paper sec. 4 / app. B.2: 518 px, 10k iterations)."""
 
-    enabled: bool = True
-    img_size: int = bounded(518, gt=0)  # new position-embedding size (interpolated from pretrain)
     data: SSLDataConfig = field(default_factory=_highres_data)
-    loss: LossConfig = field(default_factory=LossConfig)
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(
         total_iters=10_000, warmup_iters=1000, warmup_teacher_temp_iters=0, freeze_last_layer_iters=0))
-    train: TrainConfig = field(default_factory=TrainConfig)
-    monitor: MonitorConfig = operational(MonitorConfig)
+    enabled: bool = True
+    img_size: int = bounded(518, gt=0)  # new position-embedding size (interpolated from pretrain)
 
 
 @dataclass
@@ -200,17 +203,12 @@ class StudentConfig(Checked):
 
 
 @dataclass
-class DistillConfig(Checked):
+class DistillConfig(TrainingStageConfig):
     """Students taught by the frozen teacher from one teacher forward per batch (paper sec. 5)."""
 
     # A stage name ("highres", "pretrain") or a backbone checkpoint URI.
     teacher: str = bounded("highres", uri=True, input="required")
     students: list[StudentConfig] = field(default_factory=lambda: [StudentConfig()])
-    data: SSLDataConfig = field(default_factory=SSLDataConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    monitor: MonitorConfig = operational(MonitorConfig)
 
     def validate(self) -> None:
         if not self.students:
