@@ -117,10 +117,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _check_plan(job, source: str) -> None:
-    """Stages that declare train.scaling.gpu_memory are planned; one that does not fit is a config error."""
-    from dino_ray.plan import check_job_fits
+    """Stages that declare train.scaling.gpu_memory are planned; one that does not fit is a config error.
+    Only then is the planner (and torch) imported: validating any other job stays torch-free."""
+    from dino_ray.config.schema import TRAINING_STAGES
 
-    check_job_fits(job, source)
+    if any(s in job.stages and getattr(job, s).train.scaling.gpu_memory for s in TRAINING_STAGES):
+        from dino_ray.plan import check_job_fits
+
+        check_job_fits(job, source)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

@@ -147,3 +147,15 @@ def test_activation_checkpointing_gives_the_same_gradients():
     assert grads[0].keys() == grads[1].keys()
     for k in grads[0]:
         torch.testing.assert_close(grads[1][k], grads[0][k], msg=k)
+
+
+def test_validating_a_job_without_gpu_memory_stays_torch_free():
+    """Only stages that declare train.scaling.gpu_memory pull in the planner (and torch) at validation."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; from dino_ray.config.loader import load_job; from dino_ray.cli import _check_plan; "
+            f"_check_plan(load_job({str(DEMO)!r}, check_inputs=False), 'demo'); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
