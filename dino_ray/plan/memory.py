@@ -101,15 +101,19 @@ class StagePlan:
     notes: list[str] = field(default_factory=list)
 
     def total(self, checkpointing: bool) -> int:
-        """The step's peak: the backward (activations and targets held) or the optimizer step, the larger."""
         act = self.activation_ckpt_bytes if checkpointing else self.activation_bytes
-        return (self.state_bytes + self.buffer_bytes + max(act + self.target_bytes, self.optimizer_temp_bytes)
-                + self.reserve_bytes)
+        return step_peak(self.state_bytes + self.buffer_bytes + self.reserve_bytes, act + self.target_bytes,
+                         self.optimizer_temp_bytes)
 
     @property
     def fits(self) -> bool:
         """Whether the stage as configured (with its own checkpointing setting) fits."""
         return self.total(self.checkpointing) <= self.memory_bytes
+
+
+def step_peak(fixed: int, backward_held: int, optimizer_temps: int) -> int:
+    """The step's peak: the backward (activations and targets held) or the optimizer step, the larger."""
+    return fixed + max(backward_held, optimizer_temps)
 
 
 def state_bytes(params: int, zero_stage: int, world: int, bf16_engine: bool, autocast_bf16: bool,
@@ -178,7 +182,8 @@ def plan_stage(stage: str, members: list[tuple[str, Any]], loss_cfg: Any, crops:
 
     def largest_batch(ckpt: bool) -> int:
         b = 0
-        while b < 1 << 16 and fixed + max(acts(b + 1, ckpt) + targets_at(b + 1), optimizer_temps) <= hw.memory_bytes:
+        while b < 1 << 16 and step_peak(fixed, acts(b + 1, ckpt) + targets_at(b + 1),
+                                        optimizer_temps) <= hw.memory_bytes:
             b += 1
         return b
 
@@ -197,13 +202,11 @@ def plan_stage(stage: str, members: list[tuple[str, Any]], loss_cfg: Any, crops:
         memory_bytes=hw.memory_bytes,
         largest_batch=largest_batch(False), largest_batch_ckpt=largest_batch(True),
         step_tflop=flops / 1e12, step_s=flops / per_s, step_ckpt_s=(flops + student_flops) / per_s,
-        checkpointing=bool(getattr(train, "activation_checkpointing", False)), notes=notes)
+        checkpointing=train.activation_checkpointing, notes=notes)
 
 
 def plan_job(job: Any, hw: Hardware, only: str | None = None) -> list[StagePlan]:
     """A plan row for every training stage the job runs (or only the stage ``only``)."""
-    from types import SimpleNamespace
-
     plans = []
     for stage in [s for s in job.stages if s in TRAINING_STAGES and only in (None, s)]:
         cfg = getattr(job, stage)
@@ -211,15 +214,20 @@ def plan_job(job: Any, hw: Hardware, only: str | None = None) -> list[StagePlan]
             plans.append(plan_stage(stage, [(cfg.model.arch, cfg.model)], cfg.loss, cfg.data.crops,
                                     cfg.data.masking, cfg.train, hw))
         elif stage == "highres":
-            model = SimpleNamespace(arch=job.pretrain.model.arch,
-                                    backbone_kwargs=lambda m=job.pretrain.model, s=cfg.img_size:
-                                    {**m.backbone_kwargs(), "img_size": s})
-            plans.append(plan_stage(stage, [(job.pretrain.model.arch, model)], cfg.loss, cfg.data.crops,
-                                    cfg.data.masking, cfg.train, hw))
+            plans.append(plan_stage(stage, [(job.pretrain.model.arch, highres_model(job))], cfg.loss,
+                                    cfg.data.crops, cfg.data.masking, cfg.train, hw))
         else:
             plans.append(plan_stage(stage, [(s.name, s.model) for s in cfg.students], cfg.loss, cfg.data.crops,
                                     None, cfg.train, hw, teacher_cfg=teacher_model(job, cfg.teacher)))
     return plans
+
+
+def highres_model(job: Any) -> Any:
+    """The model the highres stage trains: pretrain's, with the position embedding sized for highres.img_size."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(arch=job.pretrain.model.arch, backbone_kwargs=lambda: {
+        **job.pretrain.model.backbone_kwargs(), "img_size": job.highres.img_size})
 
 
 def teacher_model(job: Any, teacher: str) -> Any:
@@ -229,8 +237,7 @@ def teacher_model(job: Any, teacher: str) -> Any:
     if teacher == "pretrain" or (teacher == "highres" and "highres" not in job.stages):
         return job.pretrain.model
     if teacher == "highres":
-        return SimpleNamespace(arch=job.pretrain.model.arch, backbone_kwargs=lambda: {
-            **job.pretrain.model.backbone_kwargs(), "img_size": job.highres.img_size})
+        return highres_model(job)
     from dino_ray import backbone_io
 
     vit = dict(backbone_io.read_meta(teacher)["vit"])
