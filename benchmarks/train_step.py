@@ -86,7 +86,6 @@ def step_flops(job, batch: int, dtype: str) -> float:
 def our_step(job, precision):
     """The pretrain stage's step (``dino_ray/train/step.py``, as ``train/loop.py`` runs it) on a DeepSpeed
     engine built as the stage builds it for one worker; returns ``step(batch, i)``."""
-    import copy
     import socket
     from types import SimpleNamespace
 
@@ -95,8 +94,7 @@ def our_step(job, precision):
 
     from dino_ray.data.multicrop import normalize_batch
     from dino_ray.train import precision as mixed
-    from dino_ray.train.engines import Member, build_ssl_model, disable_jit_ops, ds_config, inference_engine
-    from dino_ray.train.param_groups import build_param_groups
+    from dino_ray.train.engines import build_member, build_ssl_model, disable_jit_ops
     from dino_ray.train.schedules import TrainSchedules
     from dino_ray.train.ssl_arch import SSLObjective
     from dino_ray.train.step import student_loss, teacher_output, update
@@ -108,17 +106,10 @@ def our_step(job, precision):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     disable_jit_ops()
     deepspeed.init_distributed(dist_backend="gloo")
-    spec = SimpleNamespace(train=cfg.train)  # what the engines read of the stage's LoopSpec
+    spec = SimpleNamespace(train=cfg.train, schedule=sch)  # what the engines read of the stage's LoopSpec
     torch.manual_seed(job.seed)
     student = build_ssl_model(cfg.model, cfg.loss, drop_path=True)
-    ema = copy.deepcopy(student).requires_grad_(False)
-    optimizer = torch.optim.AdamW(build_param_groups(student, sch.layerwise_decay, sch.patch_embed_lr_mult,
-                                                     sch.weight_decay), betas=(0.9, 0.999))
-    engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer,
-                                           config=ds_config(spec, 1, False, with_optimizer=True))
-    ema_engine = inference_engine(ema, spec, 1, torch.device("cpu"))
-    ema_engine.module.eval()
-    member = Member("student", engine, ema_engine, cfg.train.zero_stage == 3, False, sch.clip_grad)
+    member = build_member("student", student, spec, 1, torch.device("cpu"), False)
     objective, schedules = SSLObjective(cfg.loss), TrainSchedules.from_config(sch, cfg.train.batch_size_per_worker)
     n_g, n_l = cfg.data.crops.global_crops_number, cfg.data.crops.local_crops_number
     autocast = mixed.autocast(precision, torch.device("cpu"))

@@ -113,6 +113,30 @@ def inference_engine(module: torch.nn.Module, spec: LoopSpec, world: int, device
     return Plain(module.to(device))
 
 
+def build_member(name: str, student: torch.nn.Module, spec: LoopSpec, world: int, device: torch.device,
+                 bf16: bool) -> Member:
+    """A student's DeepSpeed engine (AdamW over the recipe's parameter groups) and its EMA engine.
+
+    The EMA starts as an exact copy of the student (the DINO teacher's initialisation). One builder for the
+    training loop and the step benchmark, so the benchmark times the engine the stage trains with.
+    """
+    import copy
+
+    import deepspeed
+
+    from dino_ray.train.param_groups import build_param_groups
+
+    ema = copy.deepcopy(student).requires_grad_(False)
+    sch = spec.schedule
+    optimizer = torch.optim.AdamW(build_param_groups(student, sch.layerwise_decay, sch.patch_embed_lr_mult,
+                                                     sch.weight_decay), betas=(0.9, 0.999))
+    engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer,
+                                           config=ds_config(spec, world, bf16, with_optimizer=True))
+    ema_engine = inference_engine(ema, spec, world, device)
+    ema_engine.module.eval()
+    return Member(name, engine, ema_engine, spec.train.zero_stage == 3, bf16, sch.clip_grad)
+
+
 class Plain:
     """Stage < 3: the EMA/teacher is an ordinary replicated module."""
 

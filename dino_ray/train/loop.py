@@ -14,7 +14,6 @@ and the input stream (:mod:`dino_ray.data.ssl_stream`).
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -24,8 +23,8 @@ from typing import Any
 import torch
 
 from dino_ray.train.loop_spec import LoopSpec
-from dino_ray.train.engines import (Member, build_ssl_model, disable_jit_ops, ds_config, inference_engine,
-                                    frozen_teacher, load_ssl_state, worker_device)
+from dino_ray.train.engines import (Member, build_member, build_ssl_model, disable_jit_ops, frozen_teacher,
+                                    inference_engine, load_ssl_state, worker_device)
 from dino_ray.train.metric_buffer import PENDING_METRICS, MetricBuffer
 from dino_ray.train.memory_probe import StepMemory
 from dino_ray.train.ranks import all_finite, gathered_over_ranks, mean_over_ranks, summed_over_ranks
@@ -36,15 +35,13 @@ log = logging.getLogger("dino_ray.train")
 
 def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train worker entry point (``TorchTrainer(train_loop, train_loop_config={"spec": spec})``)."""
-    import deepspeed
     import ray.train
     from ray.train import get_context
 
     from dino_ray.data.multicrop import normalize_batch
     from dino_ray.progress import Reporter
     from dino_ray.data.ssl_stream import StreamSpec, ssl_batches, started_early
-    from dino_ray.train.watch import TrainingWatch
-    from dino_ray.train.param_groups import build_param_groups
+    from dino_ray.train.watch import TrainingWatch, prepare_monitor
     from dino_ray.train.step import student_loss, teacher_output, update
     from dino_ray.train.schedules import TrainSchedules
     from dino_ray.train.ssl_arch import SSLObjective
@@ -79,6 +76,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                         start_step=start_step, total_steps=spec.schedule.total_iters)
     batches = started_early(ssl_batches(stream, spec.data, num_actors=spec.train.data_workers,
                                         cpus_per_actor=spec.train.data_cpus))
+    monitor_ready = prepare_monitor(spec, rank)  # decoded on a thread while the engines are built
 
     # memory before any model exists: what the planner's per-worker figures sit on (dino-ray plan)
     memory = StepMemory(device)
@@ -90,17 +88,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         student.backbone.set_grad_checkpointing(spec.train.activation_checkpointing)
         if spec.init_from:
             load_ssl_state(student, spec.init_from)
-        ema = copy.deepcopy(student)
-        for p in ema.parameters():
-            p.requires_grad_(False)
-        groups = build_param_groups(student, spec.schedule.layerwise_decay, spec.schedule.patch_embed_lr_mult,
-                                    spec.schedule.weight_decay)
-        optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999))
-        engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer,
-                                               config=ds_config(spec, world, bf16, with_optimizer=True))
-        ema_engine = inference_engine(ema, spec, world, device)
-        ema_engine.module.eval()
-        members.append(Member(st.name, engine, ema_engine, zero3, bf16, spec.schedule.clip_grad))
+        members.append(build_member(st.name, student, spec, world, device, bf16))
 
     if distill:
         teacher_module = frozen_teacher(spec.teacher_from, spec.loss)
@@ -142,7 +130,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     n_global, n_local = spec.data.crops.global_crops_number, spec.data.crops.local_crops_number
     autocast = mixed.autocast(precision, device)
     step = start_step
-    watch = TrainingWatch(spec, [m.name for m in members], rank, world, autocast, start_step)
+    watch = TrainingWatch(spec, [m.name for m in members], rank, world, autocast, start_step, monitor_ready)
 
     def monitored() -> list[tuple[str, torch.nn.Module]]:
         return [(m.name, m.ema.module.backbone) for m in members]

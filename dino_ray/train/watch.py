@@ -16,6 +16,8 @@ Alarms are logged in plain words, put on the MLflow run as tags and shown on the
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -27,10 +29,43 @@ log = logging.getLogger("dino_ray.train")
 MONITOR_PICTURE_KEY = "monitor_pca"
 
 
+@dataclass
+class PreparedMonitor:
+    """The monitor set, decoded, and rank 0's raw-pixel reference scores."""
+
+    data: Any
+    reference: dict[str, float]
+
+
+def prepare_monitor(spec: Any, rank: int) -> Future[PreparedMonitor] | None:
+    """Decode the monitor set and score raw pixels on a thread, started before the models are built.
+
+    Decoding a few thousand images and the pixel probes take seconds that would otherwise sit between
+    the engines being ready and the first step; on a thread they overlap DeepSpeed's initialisation
+    (PIL and the probes' BLAS release the GIL). None when the stage has no monitor.
+    """
+    mcfg = spec.monitor
+    if mcfg is None or not mcfg.every:
+        return None
+    size = mcfg.image_size or spec.data.crops.global_crops_size
+
+    def load() -> PreparedMonitor:
+        from dino_ray.evals.monitor import Monitor, load_monitor_data
+
+        data = load_monitor_data(mcfg.train, mcfg.test, size)
+        reference = Monitor(data, k=mcfg.knn_k, ridge=mcfg.ridge).reference() if rank == 0 else {}
+        return PreparedMonitor(data, reference)
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="monitor-prepare")
+    future = pool.submit(load)
+    pool.shutdown(wait=False)  # the thread ends with the load; the future keeps the result
+    return future
+
+
 class TrainingWatch:
     def __init__(self, spec: Any, member_names: Sequence[str], rank: int, world: int, autocast: Any,
-                 start_step: int):
-        from dino_ray.evals.monitor import Monitor, load_monitor_data, monitor_steps
+                 start_step: int, prepared: Future[PreparedMonitor] | None = None):
+        from dino_ray.evals.monitor import Monitor, monitor_steps
 
         self.spec, self.rank, self.world, self.autocast = spec, rank, world, autocast
         total = spec.schedule.total_iters
@@ -42,14 +77,17 @@ class TrainingWatch:
         mcfg = spec.monitor
         self.monitor = None
         self.steps: set[int] = set()
-        if mcfg is not None and mcfg.every:
-            size = mcfg.image_size or spec.data.crops.global_crops_size
-            data = load_monitor_data(mcfg.train, mcfg.test, size)
+        if prepared is None:
+            prepared = prepare_monitor(spec, rank)
+        if prepared is not None:
+            ready = prepared.result()  # re-raises a loading error (e.g. a monitor image without a label)
+            data = ready.data
             self.monitor = Monitor(data, k=mcfg.knn_k, ridge=mcfg.ridge, batch_size=mcfg.batch_size,
                                    pca_images=mcfg.pca_images)
             self.steps = set(monitor_steps(mcfg.every, start_step, total))
-            self.reference = self.monitor.reference() if rank == 0 else {}
+            self.reference = ready.reference
             if rank == 0:
+                size = data.train_x.shape[-1]
                 log.info("%s monitor: %d train / %d test images at %d px (%d skipped), steps %s; raw pixels "
                          "kNN %.1f%%", spec.stage, len(data.train_y), len(data.test_y), size, data.skipped,
                          sorted(self.steps), 100 * self.reference["monitor/pixels_knn_top1"])

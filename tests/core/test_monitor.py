@@ -15,6 +15,7 @@ from dino_ray.train.diagnostics import (collapse_metrics, effective_rank, featur
                                         prototypes_used, row_entropy)
 
 JOB = Path(__file__).resolve().parents[2] / "jobs" / "pipeline.yaml"
+CPU_PRESET = JOB.parent / "presets" / "cpu.yaml"
 
 
 def test_diagnostics_tell_collapsed_from_spread_features():
@@ -106,3 +107,47 @@ def test_monitor_steps_include_start_and_end():
     assert monitor_steps(0, 0, 100) == []
     assert monitor_steps(40, 0, 100) == [0, 40, 80, 100]
     assert monitor_steps(40, 50, 100) == [80, 100]  # resumed at step 50: no second step-0 point
+
+
+def test_monitor_set_is_prepared_on_a_thread_with_the_pixel_reference_on_rank_0(tmp_path):
+    """The stage overlaps decoding the monitor set with building the engines (train/watch.py)."""
+    import threading
+
+    from PIL import Image
+
+    from dino_ray.config.loader import load_job
+    from dino_ray.train.watch import prepare_monitor
+
+    g = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c, cls in enumerate(("red", "blue")):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(6):
+                pixels = np.clip(g.normal(30, 10, (16, 16, 3)), 0, 255)
+                pixels[..., 2 * c] += 180  # red images and blue images
+                pixels = np.clip(pixels, 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(tmp_path / split / cls / f"{i}.png")
+    job = load_job(CPU_PRESET, ["pretrain.monitor.every=10", "pretrain.monitor.knn_k=3",
+                         f"pretrain.monitor.train={{uri: {tmp_path / 'train'}, labels_from_folders: true}}",
+                         f"pretrain.monitor.test={{uri: {tmp_path / 'test'}, labels_from_folders: true}}"])
+    caller = threading.current_thread().name
+    seen = []
+    import dino_ray.evals.monitor as monitor_mod
+
+    original = monitor_mod.load_monitor_data
+
+    def spy(*args, **kwargs):
+        seen.append(threading.current_thread().name)
+        return original(*args, **kwargs)
+
+    monitor_mod.load_monitor_data = spy
+    try:
+        ready = prepare_monitor(job.pretrain, rank=0).result(timeout=60)
+        other_rank = prepare_monitor(job.pretrain, rank=1).result(timeout=60)
+    finally:
+        monitor_mod.load_monitor_data = original
+    assert seen and all(name != caller and name.startswith("monitor-prepare") for name in seen)
+    assert ready.data.train_x.shape[0] == 12 and ready.data.skipped == 0
+    assert ready.reference["monitor/pixels_knn_top1"] == 1.0  # red vs blue: raw pixels separate them
+    assert other_rank.reference == {}
+    assert prepare_monitor(load_job(CPU_PRESET, ["pretrain.monitor.every=0"]).pretrain, rank=0) is None
