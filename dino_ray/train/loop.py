@@ -201,6 +201,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         if (is_log or at_monitor) and watch.verdict(step, row, device):
             save_and_report(step, members, objectives, rank, {"step": step, **row}, buffer.rows, skips,
                             spec.run_id, device)
+            watch.close()
             buffer.close()
             return {"final_step": step, "alarms": watch.summary(), "collapse_stop": (
                 f"stopped at step {step} by a collapse alarm (train.on_collapse: stop); the checkpoint of this "
@@ -217,6 +218,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     steady = time.time() - (first_step_at or time.time())
     skipped = {r: n for r, n in zip(SKIP_REASONS, summed_over_ranks(skips, device).tolist()) if n}
     export(spec, members, rank)
+    watch.close()  # the monitor pictures still queued for MLflow
     buffer.close()  # rank 0: a longer bounded wait for an unreachable MLflow, then the rows go to a file
     return {"final_step": step, "resumed_at_step": start_step, "precision": precision.name,
             "precision_reason": precision.reason,

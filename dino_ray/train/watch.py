@@ -16,7 +16,7 @@ Alarms are logged in plain words, put on the MLflow run as tags and shown on the
 from __future__ import annotations
 
 import logging
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -74,6 +74,8 @@ class TrainingWatch:
         self.watches = {name: CollapseWatch(spec.train.collapse, total, warmup, prefix)
                         for name, prefix in self.prefixes.items()}
         self.alarms: list[Alarm] = []
+        self._pictures: ThreadPoolExecutor | None = None  # MLflow sender, started by the first picture
+        self._pending: list[Future[None]] = []
         mcfg = spec.monitor
         self.monitor = None
         self.steps: set[int] = set()
@@ -123,9 +125,26 @@ class TrainingWatch:
         return metrics
 
     def _log_picture(self, step: int, name: str, png: bytes) -> None:
+        """Queue the picture for MLflow on the watch's one sender thread: the step never waits for it (the
+        first MLflow artifact call of a worker alone took ~3 s here). ``close`` waits for the queue."""
+        if self._pictures is None:
+            self._pictures = ThreadPoolExecutor(max_workers=1, thread_name_prefix="monitor-picture")
+        key = MONITOR_PICTURE_KEY if not self.prefixes[name] else f"{MONITOR_PICTURE_KEY}_{name}"
+        self._pending.append(self._pictures.submit(self._send_picture, step, key, png))
+
+    def close(self, wait_s: float = 120.0) -> None:
+        """Wait (bounded) for the queued pictures, before the stage's MLflow run is closed."""
+        if self._pictures is None:
+            return
+        done, not_done = wait(self._pending, timeout=wait_s)
+        if not_done:
+            log.warning("%d monitor pictures were not logged within %.0f s", len(not_done), wait_s)
+        self._pictures.shutdown(wait=False, cancel_futures=True)
+        self._pictures, self._pending = None, []
+
+    def _send_picture(self, step: int, key: str, png: bytes) -> None:
         from dino_ray import tracking
 
-        key = MONITOR_PICTURE_KEY if not self.prefixes[name] else f"{MONITOR_PICTURE_KEY}_{name}"
         try:
             with tracking.bounded_requests():  # an unreachable MLflow must not hold training up for minutes
                 tracking.log_image_step(self.spec.tracking_uri, self.spec.run_id, png, key, step)
