@@ -151,6 +151,25 @@ class RetrievalConfig(Checked):
 
 
 @dataclass
+class ExecutionConfig(Checked):
+    """Where curation runs: in one process on arrays (`plan.curate_arrays`) or as Ray tasks over
+    embedding shards (`distributed_plan.curate_shards`), whose driver holds O(clusters x dim), not
+    O(images x dim). Both paths share the decision logic and give the same result on the same data
+    with an exact index (docs/curation.md says where they can differ above `index.exact_threshold`)."""
+
+    # "auto": local below `distributed_above` embeddings, distributed from there on.
+    mode: Literal["auto", "local", "distributed"] = "auto"
+    # In one process the pool, a faiss index over it and a [N, 64] graph are ~3 x N x D x 4 bytes:
+    # 5.8 GB at 2M x 256-d, about what a 24 GB worker can hold next to Ray and the embedder.
+    distributed_above: int = bounded(2_000_000, gt=0)
+    # Rows per shard (a task's unit of work; also the target size of a dedup bucket): a 200k x 256-d
+    # shard is 200 MB, and a bucket's k-NN graph over it stays ~2 GB in one task.
+    shard_rows: int = bounded(200_000, gt=0)
+    # Ray tasks in flight at once (each runs faiss on one thread); how it runs, not what it computes.
+    workers: int = bounded(2, gt=0, operational=True)
+
+
+@dataclass
 class CurationConfig(Checked):
     """All curation steps, run in this order by `plan.curate_arrays`; each can be switched off."""
 
@@ -160,6 +179,7 @@ class CurationConfig(Checked):
     clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
     # What of the cleaned pool enters the output besides retrieved images: "balanced" (the
     # balanced sample; needs clustering and sampling), "all", or "none" (DINOv2's LVD-142M is
     # retrieval only).
@@ -171,3 +191,8 @@ class CurationConfig(Checked):
                 "CurationConfig.pool_selection='balanced' needs clustering.enabled and sampling.enabled; "
                 "use pool_selection='all' or 'none' otherwise"
             )
+
+    def distributed(self, n_pool: int) -> bool:
+        """Whether a pool of n_pool embeddings is curated by Ray tasks over shards."""
+        e = self.execution
+        return e.mode == "distributed" or (e.mode == "auto" and n_pool >= e.distributed_above)

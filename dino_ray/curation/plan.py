@@ -153,6 +153,7 @@ def _cluster(
     with _timed(summary, "clustering"):
         tree = hierarchical_kmeans(pool[clean_idx], cfg.clustering, seed)
     cluster_ids[clean_idx] = tree.assignments
+    summary["kmeans_objective"] = float(tree.distance.astype(np.float64).sum())
     return tree, cluster_ids
 
 
@@ -222,7 +223,7 @@ def _balanced(
     target = s.target_size if s.target_size is not None else round(s.target_fraction * clean_idx.size)
     target = min(target, clean_idx.size)
     priority = tree.distance if s.within_cluster == "closest" else None
-    sample = balanced_sample(tree.assignments, target, s.strategy, seed, priority)
+    sample = balanced_sample(tree.assignments, target, s.strategy, seed, priority, row_ids=clean_idx)
     summary.update(
         sampling_target=int(target),
         cluster_counts_before=sample.counts_before[-1].tolist(),

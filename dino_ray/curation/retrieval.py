@@ -14,7 +14,7 @@ import numpy as np
 
 from .index import as_embeddings, search
 from .kmeans import assign
-from .sampling import take_per_group, water_fill
+from .sampling import row_keys, take_per_group, water_fill
 
 
 @dataclass
@@ -69,13 +69,30 @@ def retrieve_by_cluster(
                         ("max_total", max_total)):
         if value <= 0:
             raise ValueError(f"{name} must be positive, got {value}")
+    take, hit = cluster_quota(np.bincount(pool_assignment[pool_assignment >= 0], minlength=k), centroids, seeds,
+                              per_cluster, min_seed_in_cluster, max_total, seed, spherical)
+    valid = np.flatnonzero(pool_assignment >= 0)
+    chosen = valid[take_per_group(pool_assignment[valid], row_keys(valid, seed), take)]
+    return RetrievalResult(indices=chosen, n_candidates=int(chosen.size), clusters_hit=hit)
+
+
+def cluster_quota(
+    pool_sizes: np.ndarray,
+    centroids: np.ndarray,
+    seeds: np.ndarray,
+    per_cluster: int,
+    min_seed_in_cluster: int,
+    max_total: int,
+    seed: int,
+    spherical: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(images to take from every pool cluster, the clusters that qualified), from cluster sizes alone,
+    so the distributed path decides in its driver and picks per shard (by `row_keys`, smallest first)."""
+    k = centroids.shape[0]
     seed_cluster, _ = assign(as_embeddings(seeds, "seeds"), centroids, spherical)
     hit = np.flatnonzero(np.bincount(seed_cluster, minlength=k) >= min_seed_in_cluster)
-    valid = np.flatnonzero(pool_assignment >= 0)
-    pool_sizes = np.bincount(pool_assignment[valid], minlength=k)
-    offer = np.minimum(pool_sizes[hit], per_cluster)
+    offer = np.minimum(np.asarray(pool_sizes, dtype=np.int64)[hit], per_cluster)
     rng = np.random.default_rng(seed)
     take = np.zeros(k, dtype=np.int64)
     take[hit] = water_fill(offer, np.zeros(hit.size, dtype=np.int64), np.array([min(max_total, int(offer.sum()))]), rng)
-    chosen = valid[take_per_group(pool_assignment[valid], rng.random(valid.size), take)]
-    return RetrievalResult(indices=chosen, n_candidates=int(chosen.size), clusters_hit=hit.astype(np.int64))
+    return take, hit.astype(np.int64)

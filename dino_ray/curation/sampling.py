@@ -73,6 +73,7 @@ def balanced_sample(
     strategy: str = "hierarchical",
     seed: int = 0,
     priority: np.ndarray | None = None,
+    row_ids: np.ndarray | None = None,
 ) -> BalancedSample:
     """Pick target_size points spread as evenly as possible over clusters.
 
@@ -80,7 +81,8 @@ def balanced_sample(
     [N] for one level. "hierarchical" water-fills the top level, then each cluster's share over
     its children, down to the finest level; "flat" water-fills the finest level alone. Inside a
     finest-level cluster, points with the lowest `priority` (e.g. distance to the centroid) go
-    first; without it the choice is random.
+    first; without it the order is `row_keys(row_ids, seed)` (row_ids default to 0..N-1), a random
+    order that does not depend on how the rows are split into shards.
     """
     ids = np.asarray(cluster_ids_per_level)
     ids = ids[:, None] if ids.ndim == 1 else ids
@@ -96,22 +98,48 @@ def balanced_sample(
     if n == 0:
         empty = [np.zeros(0, dtype=np.int64) for _ in range(ids.shape[1])]
         return BalancedSample(indices=np.zeros(0, dtype=np.int64), counts_before=empty, counts_after=empty)
-    rng = np.random.default_rng(seed)
     levels = ids if strategy == "hierarchical" else ids[:, :1]
-    nodes = _tree_nodes(levels)
+    paths, path_of_point, counts = np.unique(levels, axis=0, return_inverse=True, return_counts=True)
+    quota = path_quotas(paths, counts, target_size, seed)
+    rows = np.arange(n, dtype=np.int64) if row_ids is None else np.asarray(row_ids, dtype=np.int64)
+    key = row_keys(rows, seed) if priority is None else _check_priority(priority, n)
+    chosen = take_per_group(path_of_point.reshape(-1), key, quota)
+    counts_before = [np.bincount(ids[:, lv]) for lv in range(ids.shape[1])]
+    counts_after = [np.bincount(ids[chosen, lv], minlength=c.size) for lv, c in enumerate(counts_before)]
+    return BalancedSample(indices=chosen.astype(np.int64), counts_before=counts_before, counts_after=counts_after)
+
+
+def path_quotas(paths: np.ndarray, counts: np.ndarray, target_size: int, seed: int) -> np.ndarray:
+    """Points to take from each leaf, given the distinct root paths [P, L] (finest first, as np.unique
+    sorts them) and their point counts: water-filling from the top level down. O(leaves): the
+    distributed path computes it in the driver from per-shard counts."""
+    rng = np.random.default_rng(seed)
+    nodes = _tree_nodes(paths)
     # Top level: one group (the root) with the whole budget; then each parent's share downwards.
-    alloc = water_fill(np.bincount(nodes[-1]), np.zeros(nodes[-1].max() + 1, dtype=np.int64),
-                       np.array([target_size]), rng)
+    alloc = water_fill(np.bincount(nodes[-1], weights=counts).astype(np.int64),
+                       np.zeros(nodes[-1].max() + 1, dtype=np.int64), np.array([target_size]), rng)
     for level in range(len(nodes) - 2, -1, -1):
         child, parent = nodes[level], nodes[level + 1]
         parent_of_child = np.zeros(child.max() + 1, dtype=np.int64)
         parent_of_child[child] = parent
-        alloc = water_fill(np.bincount(child), parent_of_child, alloc, rng)
-    key = rng.random(n) if priority is None else _check_priority(priority, n)
-    chosen = take_per_group(nodes[0], key, alloc)
-    counts_before = [np.bincount(ids[:, lv]) for lv in range(ids.shape[1])]
-    counts_after = [np.bincount(ids[chosen, lv], minlength=c.size) for lv, c in enumerate(counts_before)]
-    return BalancedSample(indices=chosen.astype(np.int64), counts_before=counts_before, counts_after=counts_after)
+        alloc = water_fill(np.bincount(child, weights=counts).astype(np.int64), parent_of_child, alloc, rng)
+    return alloc[nodes[0]]
+
+
+def row_keys(rows: np.ndarray, seed: int) -> np.ndarray:
+    """A uniform [0, 1) number per row id, a hash of (row, seed) (splitmix64): the random order of
+    sampling and retrieval, the same whichever shard or process draws it."""
+    mix = _splitmix(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))[0]
+    z = _splitmix(np.asarray(rows, dtype=np.int64).astype(np.uint64) ^ mix)
+    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def _splitmix(z: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        z = z + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
 
 
 def take_per_group(groups: np.ndarray, key: np.ndarray, quota: np.ndarray) -> np.ndarray:
@@ -131,7 +159,7 @@ def take_per_group(groups: np.ndarray, key: np.ndarray, quota: np.ndarray) -> np
 
 
 def _tree_nodes(levels: np.ndarray) -> list[np.ndarray]:
-    """Dense node id of every point at every level, where a node is the path from the top.
+    """Dense node id of every row at every level, where a node is the path from the top.
 
     Defining nodes by their path makes the input a tree even if the same finest-level id were
     reused under two different parents.

@@ -35,6 +35,14 @@ DROPPED = "dropped.parquet"  # every pool file not in the manifest, with why
 
 def _embed(name: str, source: Any, embedder: BackboneRef, job: Any, ctx: StageContext,
            unlisted: list[tuple[str, str]]):
+    shards, computed = _embed_shards(name, source, embedder, job, ctx, unlisted)
+    meta, feats = feature_store.read_features(shards)
+    return meta, feats["embedding"], computed
+
+
+def _embed_shards(name: str, source: Any, embedder: BackboneRef, job: Any, ctx: StageContext,
+                  unlisted: list[tuple[str, str]]) -> tuple[list[str], int]:
+    """Embed a source into parquet shards (cached); returns (shard URIs, images embedded this run)."""
     cfg = job.curate.embed
     spec = InferenceSpec(backbone=embedder, image_size=cfg.image_size, mode="embed", decode=job.curate.decode,
                          flip_invariant=cfg.flip_invariant)
@@ -47,8 +55,7 @@ def _embed(name: str, source: Any, embedder: BackboneRef, job: Any, ctx: StageCo
     shards, computed = run_inference(rows, spec, ctx.path("embeddings", f"{name}-{key}"), num_actors=cfg.num_actors,
                                      cpus_per_actor=cfg.cpus_per_actor, gpus_per_actor=cfg.gpus_per_actor,
                                      batch_size=cfg.batch_size, shard_size=cfg.shard_size, task=f"curate embed {name}")
-    meta, feats = feature_store.read_features(shards)
-    return meta, feats["embedding"], computed
+    return shards, computed
 
 
 def _bootstrap_embedder(job: Any, ctx: StageContext) -> str:
@@ -93,7 +100,8 @@ def _centered(pool: np.ndarray, eval_sets: dict, seed_set: np.ndarray | None):
     Early or small embedders put all images in a narrow cone (every pair above any cosine threshold);
     removing the shared component spreads them out without changing who is near whom much.
     """
-    mean = pool.mean(axis=0, keepdims=True)
+    # float64 sum, float32 mean: what the distributed path computes from per-shard sums (count_rows)
+    mean = pool.mean(axis=0, keepdims=True, dtype=np.float64).astype(np.float32)
 
     def norm(x: np.ndarray) -> np.ndarray:
         x = x - mean
@@ -165,6 +173,7 @@ def _write_dropped(uri: str, meta: dict, rows: np.ndarray, result: Any, keep_row
 
 def run(job: Any, ctx: StageContext) -> StageResult:
     from dino_ray.curation.plan import curate_arrays
+    from dino_ray.curation.shards import open_shards
 
     ctx.ensure_ray()
     cfg = job.curate
@@ -172,10 +181,7 @@ def run(job: Any, ctx: StageContext) -> StageResult:
     embedder = BackboneRef(uri=checkpoint)
 
     unlisted: list[tuple[str, str]] = []  # files no listing could list, in the pool or the reference sets
-    meta, pool, computed = _embed("pool", cfg.pool, embedder, job, ctx, unlisted)
-    reasons = Counter(r for r in meta["skip_reason"] if r)
-    ok = np.array([not r for r in meta["skip_reason"]], dtype=bool)
-    rows = np.flatnonzero(ok)
+    shards, computed = _embed_shards("pool", cfg.pool, embedder, job, ctx, unlisted)
     eval_sets = {}
     for i, src in enumerate(cfg.eval_sets):
         emeta, emb, _ = _embed(f"eval_{i}", src, embedder, job, ctx, unlisted)
@@ -184,7 +190,15 @@ def run(job: Any, ctx: StageContext) -> StageResult:
     if cfg.seed_set is not None:
         smeta, emb, _ = _embed("seed", cfg.seed_set, embedder, job, ctx, unlisted)
         seed_set = emb[[not r for r in smeta["skip_reason"]]]
+    store = open_shards(shards, cfg.curation.execution.shard_rows)
+    if cfg.curation.distributed(sum(s.n_rows for s in store.shards)):
+        return _run_distributed(store, eval_sets, seed_set, job, ctx, checkpoint, computed, unlisted)
 
+    meta, feats = feature_store.read_features(shards)
+    pool = feats["embedding"]
+    reasons = Counter(r for r in meta["skip_reason"] if r)
+    ok = np.array([not r for r in meta["skip_reason"]], dtype=bool)
+    rows = np.flatnonzero(ok)
     pool_x = pool[rows]
     if cfg.embed.center:
         pool_x, eval_sets, seed_set = _centered(pool_x, eval_sets, seed_set)
@@ -193,21 +207,47 @@ def run(job: Any, ctx: StageContext) -> StageResult:
     manifest_uri = ctx.path(MANIFEST)
     _write_manifest(manifest_uri, meta, result, keep_rows)
     dropped_by_reason = _write_dropped(ctx.path(DROPPED), meta, rows, result, keep_rows)
+    bad = {r: [str(u) for u, why in zip(meta["uri"], meta["skip_reason"]) if why == r][:20] for r in reasons}
+    return _finish(result.summary, job, ctx, checkpoint, computed, unlisted, files=len(meta["uri"]),
+                   reasons=dict(reasons), bad=bad, kept=len(keep_rows), dropped_by_reason=dropped_by_reason)
 
-    s = result.summary
+
+def _run_distributed(store: Any, eval_sets: dict, seed_set: np.ndarray | None, job: Any, ctx: StageContext,
+                     checkpoint: str, computed: int, unlisted: list[tuple[str, str]]) -> StageResult:
+    """Curation as Ray tasks over the embedding shards: the driver never loads the pool's embeddings."""
+    from dino_ray.curation.distributed_plan import RayRunner, count_rows, curate_shards
+    from dino_ray.curation.shard_export import export_outputs
+
+    cfg = job.curate
+    runner = RayRunner(cfg.curation.execution.workers)
+    store, mean = count_rows(store, runner)
+    if cfg.embed.center:
+        store.center = mean
+        _, eval_sets, seed_set = _centered(mean[None, :], eval_sets, seed_set)
+    result = curate_shards(store, cfg.curation, ctx.path("decisions"), eval_sets or None, seed_set, job.seed, runner)
+    n_levels = len(cfg.curation.clustering.n_clusters) if cfg.curation.clustering.enabled else 0
+    out = export_outputs(store, result, runner, ctx.path(MANIFEST), ctx.path(DROPPED), n_levels)
+    return _finish(result.summary, job, ctx, checkpoint, computed, unlisted, files=out["rows"], reasons=out["skipped"],
+                   bad=out["bad"], kept=int(result.keep.size), dropped_by_reason=out["dropped_by_reason"])
+
+
+def _finish(s: dict, job: Any, ctx: StageContext, checkpoint: str, computed: int, unlisted: list[tuple[str, str]],
+            files: int, reasons: dict, bad: dict, kept: int, dropped_by_reason: dict) -> StageResult:
+    """The stage summary, histogram and logs, the same for both curation paths."""
+    manifest_uri = ctx.path(MANIFEST)
+    skipped = int(sum(reasons.values()))
     before = [int(v) for v in s.get("cluster_counts_before", [])]
     after = [int(v) for v in s.get("cluster_counts_after", [])]
     summary = {
-        "pool_files": int(len(meta["uri"])), "pool_decoded": int(ok.sum()),
-        "pool_skipped": int((~ok).sum()), "skipped_by_reason": dict(reasons),
-        "bad_samples": {r: [str(u) for u, why in zip(meta["uri"], meta["skip_reason"]) if why == r][:20]
-                        for r in reasons},
+        "pool_files": int(files), "pool_decoded": int(files - skipped),
+        "pool_skipped": skipped, "skipped_by_reason": dict(reasons), "bad_samples": bad,
         "embedded_this_run": computed, "embedder": checkpoint,
         "duplicates_removed": s.get("n_duplicates_removed", 0), "decontaminated": s.get("n_decontaminated", 0),
-        "kept": int(len(keep_rows)), "dropped_by_reason": dropped_by_reason,
+        "kept": int(kept), "dropped_by_reason": dropped_by_reason,
         "index": s.get("index_type"), "index_recall": s.get("index_recall"),
         "cluster_sizes_before": before, "cluster_sizes_after": after,
         "kept_by_reason": s.get("n_kept_by_reason", {}), "timings_s": s.get("timings_s", {}),
+        "curation_path": "distributed" if "shards" in s else "local",
         **unlisted_summary(unlisted), "decode": decode_policy(job.curate.decode),
     }
     if before:

@@ -128,6 +128,18 @@ def test_curate_drops_planted_copies_balances_and_retrieves(ray_session, planted
     assert max(after) / sum(after) < max(before) / sum(before), (before, after)
     assert all(r["reason"] == "balanced_sample" for r in kept.values())
 
+    # The same curation as Ray tasks over the embedding shards (embeddings reused): the same files kept
+    # and dropped, for the same reasons, and the driver never loaded the pool's embeddings.
+    dist = Pipeline(curate_job(planted, tmp_path, "curate.curation.execution.mode=distributed"),
+                    ensure_ray=lambda: None).run()["curate"]
+    assert dist["summary"]["curation_path"] == "distributed" and dist["summary"]["embedded_this_run"] == 0
+    dist_kept = {Path(r["uri"]).name: r for r in pq.read_table(dist["outputs"]["manifest"]).to_pylist()}
+    dist_dropped = {Path(r["uri"]).name: r for r in pq.read_table(dist["outputs"]["dropped"]).to_pylist()}
+    assert dist_kept == kept
+    assert {n: (r["why"], Path(r["duplicate_of"]).name) for n, r in dist_dropped.items()} == {
+        n: (r["why"], Path(r["duplicate_of"]).name) for n, r in dropped.items()}
+    assert dist["summary"]["pool_skipped"] == 1 and dist["summary"]["kept"] == summary["kept"]
+
     # Second run, retrieval only: the embedder and pool embeddings are reused, and each seed image
     # (a mirrored re-encode of a pool photo) retrieves that photo.
     job = curate_job(planted, tmp_path, f"curate.seed_set={{uri: {planted['seed']}}}",
