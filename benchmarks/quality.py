@@ -39,8 +39,12 @@ SHARED = REPO.parent / "shared" / "data" / "cifar10-jpg.tar.xz"
 
 
 def extract_cifar(archive: Path, dest: Path, train_per_class: int, test_per_class: int) -> Path:
-    """``dest/train/<class>/*.jpg`` and ``dest/test/<class>/*.jpg``, the first N of each class."""
-    marker = dest / f".extracted-{train_per_class}-{test_per_class}"
+    """``dest-<N>-<M>/train/<class>/*.jpg`` and ``.../test/<class>/*.jpg``, the first N (M) of each class.
+
+    One folder per split size: extracting a smaller split into a folder that already holds a larger one
+    would leave the larger one's files in place, and the stages read every file of the folder."""
+    dest = dest.with_name(f"{dest.name}-{train_per_class}-{test_per_class}")
+    marker = dest / ".extracted"
     if marker.exists():
         return dest
     if not archive.is_file():
