@@ -21,6 +21,14 @@ class DedupResult:
     component: np.ndarray  # int64 [N]: component id, numbered by smallest member
     n_removed: int
 
+    def duplicate_of(self) -> np.ndarray:
+        """int64 [N]: for every removed image the kept copy of its component, -1 for kept images."""
+        representative = np.full(int(self.component.max()) + 1, -1, dtype=np.int64)
+        representative[self.component[self.keep]] = np.flatnonzero(self.keep)
+        out = np.full(self.keep.size, -1, dtype=np.int64)
+        out[~self.keep] = representative[self.component[~self.keep]]
+        return out
+
 
 @dataclass
 class DecontaminationResult:
@@ -89,9 +97,16 @@ def decontaminate(
     pool_component = np.asarray(pool_component)
     if pool_component.shape != (n,):
         raise ValueError(f"pool_component must have one id per indexed image ({n}), got shape {pool_component.shape}")
-    tainted = np.zeros(int(pool_component.max()) + 1, dtype=bool)
-    tainted[pool_component[direct]] = True
-    return DecontaminationResult(removed=tainted[pool_component], direct=direct)
+    return DecontaminationResult(removed=spread_to_components(direct, pool_component), direct=direct)
+
+
+def spread_to_components(direct: np.ndarray, component: np.ndarray | None) -> np.ndarray:
+    """bool [N]: the directly hit images and, given components, every image sharing a component with one."""
+    if component is None:
+        return direct.copy()
+    tainted = np.zeros(int(component.max()) + 1, dtype=bool)
+    tainted[component[direct]] = True
+    return tainted[component]
 
 
 def _check_edges(n: int, src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -51,20 +51,20 @@ class ShardPoints:
         bounds = np.searchsorted(rows, self.offsets)
         return [rows[bounds[i]:bounds[i + 1]] - self.offsets[i] for i in range(len(self.store.shards))]
 
-    def _args(self, *extra: Any, rows: list[np.ndarray] | None = None) -> list[tuple]:
-        return [(s, self.store.center, self.keep) + ((rows[i],) if rows is not None else ()) + extra
-                for i, s in enumerate(self.store.shards)]
+    def _args(self, *extra: Any) -> list[tuple]:
+        return [(s, self.store.center, self.keep) + extra for s in self.store.shards]
+
+    def _row_args(self, rows: np.ndarray) -> list[tuple]:
+        """Task arguments for the shards holding some of the sorted `rows`, each with its local rows."""
+        parts = self._split(rows)
+        return [(s, self.store.center, self.keep, p) for s, p in zip(self.store.shards, parts) if p.size]
 
     def take(self, rows: np.ndarray) -> np.ndarray:
-        parts = self._split(rows)
-        busy = [i for i, p in enumerate(parts) if p.size]
-        got = self.runner.map(take_rows, [self._args(rows=parts)[i] for i in busy])
+        got = self.runner.map(take_rows, self._row_args(rows))
         return np.concatenate(got) if got else np.zeros((0, self.store.dim), dtype=np.float32)
 
     def trainer(self, rows: np.ndarray, spherical: bool) -> Callable[[np.ndarray], Partial]:
-        parts = self._split(rows)
-        busy = [i for i, p in enumerate(parts) if p.size]
-        blocks = [h for _, h in self.runner.map(training_block, [self._args(rows=parts)[i] for i in busy], kept=1)]
+        blocks = [h for _, h in self.runner.map(training_block, self._row_args(rows), kept=1)]
 
         def partial(centroids: np.ndarray) -> Partial:
             c = self.runner.put(centroids)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .config import CurationConfig
-from .dedup import connected_components, self_dedup
+from .dedup import connected_components, self_dedup, spread_to_components
 from .distributed_kmeans import Runner, ShardPoints
 from .distributed_knn import join_bucket, merge_top_k, route_shard, search_bucket, top_k_hits
 from .kmeans import cluster_tree, fit_centroids, kmeans
@@ -194,9 +194,7 @@ def _clean(joins: list[dict], n: int, cfg: CurationConfig, eval_sets: dict, clea
     if cfg.dedup.enabled:
         with _timed(summary, "dedup"):
             dedup = self_dedup(edges, cfg.dedup.threshold)
-        representative = np.full(int(dedup.component.max()) + 1, -1, dtype=np.int64)
-        representative[dedup.component[dedup.keep]] = np.flatnonzero(dedup.keep)
-        duplicate_of[~dedup.keep] = representative[dedup.component[~dedup.keep]]
+        duplicate_of[:] = dedup.duplicate_of()
         dropped[~dedup.keep] = DROPPED.index("duplicate")
         clean &= dedup.keep
     summary["n_duplicates_removed"] = int(n - clean.sum())
@@ -211,14 +209,10 @@ def _clean(joins: list[dict], n: int, cfg: CurationConfig, eval_sets: dict, clea
     removed = np.zeros(n, dtype=bool)
     direct_hits = {}
     for name in eval_sets:
-        direct = top_k_hits([j["hits"][name] for j in joins], d.k)
-        direct_hits[name] = int(direct.size)
-        if component is None:
-            removed[direct] = True
-        else:
-            tainted = np.zeros(int(component.max()) + 1, dtype=bool)
-            tainted[component[direct]] = True
-            removed |= tainted[component]
+        direct = np.zeros(n, dtype=bool)
+        direct[top_k_hits([j["hits"][name] for j in joins], d.k)] = True
+        direct_hits[name] = int(direct.sum())
+        removed |= spread_to_components(direct, component)
     summary["decontamination_direct_hits"] = direct_hits
     summary["n_decontaminated"] = int((clean & removed).sum())
     dropped[clean & removed] = DROPPED.index("eval_copy")

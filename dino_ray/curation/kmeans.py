@@ -64,6 +64,7 @@ class Points(Protocol):
     """What k-means reads of its input; rows are indices 0..n-1."""
 
     n: int
+    inertia: float  # the objective of the last `assign_all` (sum of point distances)
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         """float32 vectors of the given sorted rows."""
@@ -258,7 +259,7 @@ def cluster_tree(points: Points, cfg: ClusteringConfig, seed: int) -> ClusterTre
             parents.append(inputs.assignment)
         centroids.append(found)
         inputs = ArrayPoints(found)
-    return ClusterTree(centroids=centroids, parents=parents, inertia=float(getattr(points, "inertia", 0.0)))
+    return ClusterTree(centroids=centroids, parents=parents, inertia=points.inertia)
 
 
 def hierarchical_kmeans(x: np.ndarray, cfg: ClusteringConfig, seed: int) -> HierarchicalKMeansResult:

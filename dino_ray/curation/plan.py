@@ -121,9 +121,7 @@ def _clean_pool(
         with _timed(summary, "dedup"):
             dedup = self_dedup(edges, cfg.dedup.threshold)
         clean &= dedup.keep
-        representative = np.full(int(dedup.component.max()) + 1, -1, dtype=np.int64)
-        representative[dedup.component[dedup.keep]] = np.flatnonzero(dedup.keep)
-        duplicate_of[~dedup.keep] = representative[dedup.component[~dedup.keep]]
+        duplicate_of = dedup.duplicate_of()
         dropped[~dedup.keep] = "duplicate"
     summary["n_duplicates_removed"] = int(n - clean.sum())
     summary["n_decontaminated"] = 0

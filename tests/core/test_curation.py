@@ -28,15 +28,6 @@ from dino_ray.curation.sampling import balanced_sample, water_fill
 DIM = 128
 
 
-@pytest.fixture(autouse=True)
-def one_faiss_thread():
-    """OpenMP barriers spin badly on a loaded 2-core box; tiny problems run faster on one thread."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
-
-
 def unit(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 

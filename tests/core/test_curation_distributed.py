@@ -6,21 +6,12 @@ arguments; tests/stages/test_curation_ray_tasks.py runs them as Ray tasks.
 
 from __future__ import annotations
 
-import faiss
 import numpy as np
 import pytest
 
 from curation_pools import LoopRunner, both_paths, config, pool_with_copies
 from dino_ray.curation.config import CurationConfig, ExecutionConfig, RetrievalConfig, SamplingConfig
 from dino_ray.curation.distributed_knn import merge_top_k
-
-
-@pytest.fixture(autouse=True)
-def one_faiss_thread():
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
 
 
 def test_distributed_path_matches_in_memory_path(tmp_path) -> None:
