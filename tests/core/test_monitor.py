@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from dino_ray.evals.monitor import _shard, monitor_steps, ridge_probe_top1, sharded_features
+from dino_ray.evals.monitor import _shard, monitor_steps, ridge_probe_top1, ridge_weights, sharded_features
 from dino_ray.train.alarms import CollapseConfig, CollapseWatch
 from dino_ray.train.diagnostics import (collapse_metrics, effective_rank, feature_std, mean_pairwise_cosine,
                                         prototypes_used, row_entropy)
@@ -93,6 +93,17 @@ def test_ridge_probe_separates_separable_classes_and_fails_on_noise():
     assert ridge_probe_top1(noise[::2], y[::2], noise[1::2], y[1::2]) < 0.5
 
 
+def test_ridge_weights_are_the_same_from_the_row_and_the_column_system():
+    """Wide features (raw pixels) solve the n x n system instead of the d x d one: the same weights."""
+    g = torch.Generator().manual_seed(0)
+    for n, d in ((40, 300), (300, 40)):
+        x = torch.randn(n, d, generator=g, dtype=torch.float64)
+        y = torch.nn.functional.one_hot(torch.randint(0, 5, (n,), generator=g), 5).double()
+        primal, dual = ridge_weights(x, y, 1e-2, dual=False), ridge_weights(x, y, 1e-2, dual=True)
+        assert torch.allclose(primal, dual, rtol=1e-8, atol=1e-10)
+        assert torch.equal(ridge_weights(x, y, 1e-2), dual if n < d else primal)
+
+
 def test_shards_cover_every_row_with_equal_calls_per_rank():
     for n, world in [(10, 3), (2, 4), (7, 1), (8, 2)]:
         shards = [_shard(n, r, world) for r in range(world)]
@@ -109,27 +120,34 @@ def test_monitor_steps_include_start_and_end():
     assert monitor_steps(40, 50, 100) == [80, 100]  # resumed at step 50: no second step-0 point
 
 
-def test_monitor_set_is_prepared_on_a_thread_with_the_pixel_reference_on_rank_0(tmp_path):
-    """The stage overlaps decoding the monitor set with building the engines (train/watch.py)."""
-    import threading
-
+def _red_blue_job(root: Path):
+    """A CPU-preset job whose monitor set is 6 red and 6 blue 16 px images a split."""
     from PIL import Image
 
     from dino_ray.config.loader import load_job
-    from dino_ray.train.watch import prepare_monitor
 
     g = np.random.default_rng(0)
     for split in ("train", "test"):
         for c, cls in enumerate(("red", "blue")):
-            (tmp_path / split / cls).mkdir(parents=True)
+            (root / split / cls).mkdir(parents=True)
             for i in range(6):
                 pixels = np.clip(g.normal(30, 10, (16, 16, 3)), 0, 255)
                 pixels[..., 2 * c] += 180  # red images and blue images
                 pixels = np.clip(pixels, 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(tmp_path / split / cls / f"{i}.png")
-    job = load_job(CPU_PRESET, ["pretrain.monitor.every=10", "pretrain.monitor.knn_k=3",
-                         f"pretrain.monitor.train={{uri: {tmp_path / 'train'}, labels_from_folders: true}}",
-                         f"pretrain.monitor.test={{uri: {tmp_path / 'test'}, labels_from_folders: true}}"])
+                Image.fromarray(pixels).save(root / split / cls / f"{i}.png")
+    return load_job(CPU_PRESET, ["pretrain.monitor.every=10", "pretrain.monitor.knn_k=3",
+                                 f"pretrain.monitor.train={{uri: {root / 'train'}, labels_from_folders: true}}",
+                                 f"pretrain.monitor.test={{uri: {root / 'test'}, labels_from_folders: true}}"])
+
+
+def test_monitor_set_is_prepared_on_a_thread_with_the_pixel_reference_on_rank_0(tmp_path):
+    """The stage overlaps decoding the monitor set with building the engines (train/watch.py)."""
+    import threading
+
+    from dino_ray.config.loader import load_job
+    from dino_ray.train.watch import prepare_monitor
+
+    job = _red_blue_job(tmp_path)
     caller = threading.current_thread().name
     seen = []
     import dino_ray.evals.monitor as monitor_mod
