@@ -107,7 +107,9 @@ def ridge_weights(x: torch.Tensor, y: torch.Tensor, ridge: float, dual: bool | N
     solve. ``dual`` forces a form (tests)."""
     n, d = x.shape
     lam = ridge * float((x * x).sum()) / d
-    if dual if dual is not None else n < d:
+    if dual is None:
+        dual = n < d
+    if dual:
         k = x @ x.T
         return x.T @ torch.linalg.solve(k + lam * torch.eye(n, dtype=x.dtype), y)
     gram = x.T @ x

@@ -120,34 +120,27 @@ def test_monitor_steps_include_start_and_end():
     assert monitor_steps(40, 50, 100) == [80, 100]  # resumed at step 50: no second step-0 point
 
 
-def _red_blue_job(root: Path):
-    """A CPU-preset job whose monitor set is 6 red and 6 blue 16 px images a split."""
-    from PIL import Image
-
-    from dino_ray.config.loader import load_job
-
-    g = np.random.default_rng(0)
-    for split in ("train", "test"):
-        for c, cls in enumerate(("red", "blue")):
-            (root / split / cls).mkdir(parents=True)
-            for i in range(6):
-                pixels = np.clip(g.normal(30, 10, (16, 16, 3)), 0, 255)
-                pixels[..., 2 * c] += 180  # red images and blue images
-                pixels = np.clip(pixels, 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(root / split / cls / f"{i}.png")
-    return load_job(CPU_PRESET, ["pretrain.monitor.every=10", "pretrain.monitor.knn_k=3",
-                                 f"pretrain.monitor.train={{uri: {root / 'train'}, labels_from_folders: true}}",
-                                 f"pretrain.monitor.test={{uri: {root / 'test'}, labels_from_folders: true}}"])
-
-
 def test_monitor_set_is_prepared_on_a_thread_with_the_pixel_reference_on_rank_0(tmp_path):
     """The stage overlaps decoding the monitor set with building the engines (train/watch.py)."""
     import threading
 
+    from PIL import Image
+
     from dino_ray.config.loader import load_job
     from dino_ray.train.watch import prepare_monitor
 
-    job = _red_blue_job(tmp_path)
+    g = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c, cls in enumerate(("red", "blue")):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(6):
+                pixels = np.clip(g.normal(30, 10, (16, 16, 3)), 0, 255)
+                pixels[..., 2 * c] += 180  # red images and blue images
+                pixels = np.clip(pixels, 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(tmp_path / split / cls / f"{i}.png")
+    job = load_job(CPU_PRESET, ["pretrain.monitor.every=10", "pretrain.monitor.knn_k=3",
+                         f"pretrain.monitor.train={{uri: {tmp_path / 'train'}, labels_from_folders: true}}",
+                         f"pretrain.monitor.test={{uri: {tmp_path / 'test'}, labels_from_folders: true}}"])
     caller = threading.current_thread().name
     seen = []
     import dino_ray.evals.monitor as monitor_mod
